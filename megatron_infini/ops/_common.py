@@ -1,0 +1,103 @@
+"""Shared pieces of the Infini-attention ops: input checks, sigma, empty memory.
+
+Shape legend (Megatron order, sequence first):
+    s   sequence length          b   batch
+    hq  query heads              hkv key/value heads (hq % hkv == 0), g = hq // hkv
+    dk  query/key head dim       dv  value head dim
+    M   memory matrix  [b, hkv, dk, dv] float32
+    z   normaliser     [b, hkv, dk]     float32
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+#: Added to the retrieval denominators so that an empty memory (M = 0, z = 0)
+#: retrieves exactly zero instead of 0/0.
+EPS = 1e-6
+
+UPDATE_RULES = ("linear", "delta")
+
+Memory = Tuple[torch.Tensor, torch.Tensor]
+
+
+class Dims(NamedTuple):
+    s: int
+    b: int
+    hq: int
+    hkv: int
+    dk: int
+    dv: int
+
+
+def sigma(x: torch.Tensor) -> torch.Tensor:
+    """ELU + 1 in float32: the positive feature map of the memory path."""
+    return F.elu(x.float()) + 1.0
+
+
+def empty_memory(b: int, hkv: int, dk: int, dv: int, device=None) -> Memory:
+    """M_0 = 0 [b, hkv, dk, dv] and z_0 = 0 [b, hkv, dk], both float32."""
+    return (
+        torch.zeros(b, hkv, dk, dv, dtype=torch.float32, device=device),
+        torch.zeros(b, hkv, dk, dtype=torch.float32, device=device),
+    )
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(d) for d in t.shape) + "]"
+
+
+def check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate: torch.Tensor,
+    segment_length: int,
+    update: str,
+    memory: Optional[Memory],
+    q_local: Optional[torch.Tensor],
+    k_local: Optional[torch.Tensor],
+) -> Dims:
+    """Validate the op's arguments; raise ValueError naming the bad one."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            got = _shape(t) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 4-D tensor [s, b, heads, head_dim], got {got}")
+    s, b, hq, dk = q.shape
+    if k.shape[:2] != (s, b) or k.shape[3] != dk:
+        raise ValueError(f"k must be [s={s}, b={b}, hkv, dk={dk}] to match q {_shape(q)}, got {_shape(k)}")
+    hkv = k.shape[2]
+    if v.shape[:3] != (s, b, hkv):
+        raise ValueError(f"v must be [s={s}, b={b}, hkv={hkv}, dv] to match k {_shape(k)}, got {_shape(v)}")
+    dv = v.shape[3]
+    if hkv < 1 or hq % hkv != 0:
+        raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv}) for grouped-query attention")
+    if s < 1:
+        raise ValueError(f"q must hold at least one position, got sequence length {s}")
+    if not isinstance(gate, torch.Tensor) or gate.shape != (hq,):
+        got = _shape(gate) if isinstance(gate, torch.Tensor) else type(gate).__name__
+        raise ValueError(f"gate must be a tensor of shape [hq={hq}] (one logit per query head), got {got}")
+    if isinstance(segment_length, bool) or not isinstance(segment_length, int) or segment_length < 1:
+        raise ValueError(f"segment_length must be an integer >= 1, got {segment_length!r}")
+    if update not in UPDATE_RULES:
+        raise ValueError(f"update must be one of {UPDATE_RULES}, got {update!r}")
+    for name, t, ref in (("q_local", q_local, q), ("k_local", k_local, k)):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != ref.shape):
+            got = _shape(t) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must have the shape of {name[0]} {_shape(ref)}, got {got}")
+    if memory is not None:
+        if not isinstance(memory, (tuple, list)) or len(memory) != 2:
+            raise ValueError("memory must be None or a tuple (M, z)")
+        M, z = memory
+        if not isinstance(M, torch.Tensor) or M.shape != (b, hkv, dk, dv):
+            got = _shape(M) if isinstance(M, torch.Tensor) else type(M).__name__
+            raise ValueError(f"memory M must be [b={b}, hkv={hkv}, dk={dk}, dv={dv}], got {got}")
+        if not isinstance(z, torch.Tensor) or z.shape != (b, hkv, dk):
+            got = _shape(z) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"memory z must be [b={b}, hkv={hkv}, dk={dk}], got {got}")
+        if M.dtype != torch.float32 or z.dtype != torch.float32:
+            raise ValueError(f"memory (M, z) must be float32, got {M.dtype} and {z.dtype}")
+    return Dims(s, b, hq, hkv, dk, dv)

@@ -1,0 +1,166 @@
+"""Fast Infini-attention: all segments at once wherever the math allows.
+
+- Local attention: segments are folded into the batch and run through one fused causal
+  `scaled_dot_product_attention` call (flash / memory-efficient kernels where available).
+- Linear update: the state before segment j is an exclusive prefix sum over segments of
+  sigma(K_i)^T V_i and sum_t sigma(K_i,t), so every retrieval is one batched matmul.
+- Delta update: the state must be built segment by segment (two matmuls per step); the
+  retrievals are then one batched matmul over the stacked states.
+- Optional activation checkpointing in blocks of segments: only the memory state at block
+  boundaries is kept for backward, the rest is recomputed.
+
+Legend: s sequence, b batch, hq / hkv query / key-value heads, g = hq // hkv, dk / dv head
+dims, N segment length, n number of segments (the last one zero-padded to N).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from ._common import EPS, Memory, check_inputs, empty_memory, sigma
+
+
+def infini_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate: torch.Tensor,
+    *,
+    segment_length: int,
+    update: str = "linear",
+    memory: Optional[Memory] = None,
+    q_local: Optional[torch.Tensor] = None,
+    k_local: Optional[torch.Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    eps: float = EPS,
+    checkpoint_segments: int = 0,
+) -> Tuple[torch.Tensor, Memory]:
+    """Infini-attention over a sequence cut into segments of `segment_length`.
+
+    Args:
+        q: [s, b, hq, dk] queries (no RoPE: the memory reads them), any float dtype.
+        k: [s, b, hkv, dk] keys (no RoPE), hq % hkv == 0.
+        v: [s, b, hkv, dv] values.
+        gate: [hq] gate logits beta; output = sigmoid(beta) * A_mem + (1 - sigmoid(beta)) * A_dot.
+        segment_length: N >= 1; the last segment may be shorter.
+        update: "linear" or "delta" memory update.
+        memory: None (empty) or (M [b, hkv, dk, dv], z [b, hkv, dk]) float32, the state left
+            by earlier segments.
+        q_local, k_local: optional tensors shaped like q / k used only by the local softmax
+            attention (e.g. RoPE-rotated with in-segment positions). Default q / k.
+        softmax_scale: local attention scale, default 1/sqrt(dk).
+        eps: added to the retrieval denominators (an empty memory retrieves exactly 0).
+        checkpoint_segments: 0 keeps all activations; k > 0 recomputes them in backward,
+            in blocks of k segments, keeping only the memory state between blocks.
+
+    Returns:
+        out [s, b, hq, dv] in q's dtype, and the memory (M, z) after the last segment, float32.
+        Calling the op on consecutive chunks (cut at segment boundaries) passing the memory
+        along gives the same result as one call on the whole input.
+    """
+    s, b, hq, hkv, dk, dv = check_inputs(q, k, v, gate, segment_length, update, memory, q_local, k_local)
+    if isinstance(checkpoint_segments, bool) or not isinstance(checkpoint_segments, int) or checkpoint_segments < 0:
+        raise ValueError(f"checkpoint_segments must be an integer >= 0, got {checkpoint_segments!r}")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(dk)
+    q_local = q if q_local is None else q_local
+    k_local = k if k_local is None else k_local
+    if memory is None:
+        memory = empty_memory(b, hkv, dk, dv, q.device)
+    M, z = memory
+
+    block = checkpoint_segments * segment_length
+    if block == 0 or not torch.is_grad_enabled():
+        return _forward(q, k, v, gate, q_local, k_local, M, z, segment_length, update, scale, eps)
+
+    outs = []
+    for start in range(0, s, block):
+        blk = slice(start, min(start + block, s))
+        out, M, z = _checkpoint(
+            _forward_flat, q[blk], k[blk], v[blk], gate, q_local[blk], k_local[blk], M, z,
+            segment_length, update, scale, eps, use_reentrant=False,
+        )
+        outs.append(out)
+    return torch.cat(outs, dim=0), (M, z)
+
+
+def _forward_flat(*args):
+    out, (M, z) = _forward(*args)
+    return out, M, z
+
+
+def local_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_length: int, scale: Optional[float] = None
+) -> torch.Tensor:
+    """Causal softmax attention inside each segment, all segments in one fused call.
+
+    q [s, b, hq, dk], k [s, b, hkv, dk], v [s, b, hkv, dv] -> [s, b, hq, dv] in q's dtype.
+    """
+    s, b, hq, dk = q.shape
+    hkv, dv = v.shape[2], v.shape[3]
+    N = min(segment_length, s)
+    n = -(-s // N)
+
+    def fold(x: torch.Tensor) -> torch.Tensor:  # [s, b, h, d] -> [b*n, h, N, d]
+        h, d = x.shape[2], x.shape[3]
+        x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, n * N - s))  # [n*N, b, h, d]; the pad comes last
+        return x.view(n, N, b, h, d).permute(2, 0, 3, 1, 4).reshape(b * n, h, N, d)
+
+    # Zero-padded keys sit after every real query of the last segment, so causality hides them.
+    out = F.scaled_dot_product_attention(
+        fold(q), fold(k), fold(v), is_causal=True, scale=scale, enable_gqa=hq != hkv
+    )  # [b*n, hq, N, dv]
+    out = out.view(b, n, hq, N, dv).permute(1, 3, 0, 2, 4).reshape(n * N, b, hq, dv)
+    return out[:s]
+
+
+def _forward(q, k, v, gate, q_local, k_local, M0, z0, N, update, scale, eps):
+    s, b, hq, dk = q.shape
+    hkv, dv = v.shape[2], v.shape[3]
+    g = hq // hkv
+    n = -(-s // N)
+    pad = n * N - s
+
+    a_dot = local_attention(q_local, k_local, v, N, scale)  # [s, b, hq, dv]
+
+    # Memory path in float32. Padding is applied after sigma so padded keys add nothing.
+    sq = F.pad(sigma(q), (0, 0, 0, 0, 0, 0, 0, pad))  # [n*N, b, hq, dk]
+    sk = F.pad(sigma(k), (0, 0, 0, 0, 0, 0, 0, pad))  # [n*N, b, hkv, dk]
+    vf = F.pad(v.float(), (0, 0, 0, 0, 0, 0, 0, pad))  # [n*N, b, hkv, dv]
+    sk = sk.view(n, N, b, hkv, dk).permute(2, 3, 0, 1, 4)  # (b, hkv, n, N, dk)
+    vf = vf.view(n, N, b, hkv, dv).permute(2, 3, 0, 1, 4)  # (b, hkv, n, N, dv)
+    sq = sq.view(n, N, b, hkv, g, dk).permute(2, 3, 0, 4, 1, 5).reshape(b, hkv, n, g * N, dk)
+
+    dz = sk.sum(dim=3)  # (b, hkv, n, dk)
+    if update == "linear":
+        dM = sk.transpose(-1, -2) @ vf  # (b, hkv, n, dk, dv)
+        cM = torch.cumsum(dM, dim=2)
+        M_prev = torch.cat([M0.unsqueeze(2), M0.unsqueeze(2) + cM[:, :, :-1]], dim=2)  # (b, hkv, n, dk, dv)
+        M_last = M0 + cM[:, :, -1]
+    else:
+        states = []
+        M = M0
+        for j in range(n):  # sequential: each update reads the state the previous one left
+            states.append(M)
+            skj = sk[:, :, j]  # (b, hkv, N, dk)
+            zj = z0 + (dz[:, :, :j].sum(dim=2) if j else 0.0)  # z before segment j, (b, hkv, dk)
+            v_old = (skj @ M) / (skj @ zj.unsqueeze(-1) + eps)  # (b, hkv, N, dv)
+            M = M + skj.transpose(-1, -2) @ (vf[:, :, j] - v_old)
+        M_prev = torch.stack(states, dim=2)  # (b, hkv, n, dk, dv)
+        M_last = M
+    cz = torch.cumsum(dz, dim=2)
+    z_prev = torch.cat([z0.unsqueeze(2), z0.unsqueeze(2) + cz[:, :, :-1]], dim=2)  # (b, hkv, n, dk)
+    z_last = z0 + cz[:, :, -1]
+
+    num = sq @ M_prev  # (b, hkv, n, g*N, dv)
+    den = sq @ z_prev.unsqueeze(-1)  # (b, hkv, n, g*N, 1)
+    a_mem = num / (den + eps)
+    a_mem = a_mem.view(b, hkv, n, g, N, dv).permute(2, 4, 0, 1, 3, 5).reshape(n * N, b, hq, dv)[:s]
+
+    beta = torch.sigmoid(gate.float()).view(1, 1, hq, 1)
+    out = beta * a_mem + (1.0 - beta) * a_dot.float()  # [s, b, hq, dv]
+    return out.to(q.dtype), (M_last, z_last)
