@@ -1,0 +1,1 @@
+"""Training: typed config, DeepSpeed engine over Megatron-core parallel groups, the loop."""

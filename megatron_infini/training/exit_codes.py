@@ -1,0 +1,17 @@
+"""How the trainer tells launchers what happened. Launchers (slurm/, launch/) rely on these.
+
+- EXIT_OK: the planned steps are done.
+- EXIT_REQUEUE: a stop was requested (SIGUSR1/SIGTERM to a trainer rank, the stop file, or
+  `checkpoint.exit_duration_minutes`); a checkpoint was saved; run again to continue.
+- any other non-zero code: a failure; do not requeue blindly.
+
+The stop file lets launchers that cannot signal the trainer ranks (torchrun's agent kills its
+workers on SIGTERM) ask for a clean stop: `touch RUN_DIR/STOP`. The trainer removes it once
+it has saved, so a requeued job does not stop again at once.
+"""
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG_ERROR = 2
+EXIT_REQUEUE = 75  # EX_TEMPFAIL in sysexits.h: "try again later"
+STOP_FILE = "STOP"
