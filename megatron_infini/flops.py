@@ -28,3 +28,24 @@ def infini_attention_flops(
 ) -> float:
     """Forward FLOPs of one Infini-attention call (local attention + memory read and write)."""
     return causal_attention_flops(s, b, hq, dk, dv, segment_length) + memory_flops(s, b, hq, hkv, dk, dv, update)
+
+
+def gpt_model_flops_per_step(
+    *, num_layers: int, hidden_size: int, ffn_hidden_size: int, num_attention_heads: int,
+    num_query_groups: int, vocab_size: int, seq_length: int, batch: int, segment_length: int,
+    update: str = "linear", gated_mlp: bool = True, memory_enabled: bool = True,
+) -> float:
+    """Model FLOPs of one training step (forward + backward, no recomputation) of the
+    Infini-attention GPT model over `batch` sequences of `seq_length` tokens."""
+    s, b, h = seq_length, batch, hidden_size
+    d = h // num_attention_heads
+    tokens = s * b
+    qkv = 2.0 * tokens * h * (num_attention_heads + 2 * num_query_groups) * d
+    proj = 2.0 * tokens * num_attention_heads * d * h
+    mlp = 2.0 * tokens * h * ffn_hidden_size * (3 if gated_mlp else 2)
+    if memory_enabled:
+        attn = infini_attention_flops(s, b, num_attention_heads, num_query_groups, d, d, segment_length, update)
+    else:
+        attn = causal_attention_flops(s, b, num_attention_heads, d, d, segment_length)
+    logits = 2.0 * tokens * h * vocab_size
+    return 3.0 * (num_layers * (qkv + proj + mlp + attn) + logits)

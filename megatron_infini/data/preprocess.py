@@ -29,6 +29,17 @@ from megatron_infini.data.tokenizer import Tokenizer
 METADATA_SUFFIX = ".json"
 
 
+def indexed_dataset_module():
+    """`megatron.core.datasets.indexed_dataset`, imported on first use (it imports megatron.core,
+    whose "Transformer Engine and Apex are not installed" warnings are noise here)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+        from megatron.core.datasets import indexed_dataset
+    return indexed_dataset
+
+
 def read_metadata(prefix: str | os.PathLike) -> dict | None:
     """The `PREFIX.json` written by `preprocess`, or None when there is none."""
     path = os.fspath(prefix) + METADATA_SUFFIX
@@ -63,11 +74,10 @@ def preprocess(
     if not os.access(out_dir, os.W_OK):
         raise ValueError(f"output directory is not writable: {out_dir!r}")
 
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
-    dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    indexed = indexed_dataset_module()
+    dtype = indexed.DType.optimal_dtype(tokenizer.vocab_size)
     tmp = f"{output_prefix}.tmp{os.getpid()}"
-    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
+    builder = indexed.IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
     n_docs = n_empty = n_tokens = 0
     start = last_log = time.time()
     try:

@@ -1,0 +1,271 @@
+"""Save and resume training state under run_dir/checkpoints.
+
+One checkpoint, `checkpoints/iter_NNNNNNN/`:
+    model/          model weights (and carried memory), Megatron dist_checkpointing (reshardable)
+    deepspeed/      DeepSpeed engine state: optimizer sharded by ZeRO (its module copy is not
+                    used when the tensor-parallel size changed)
+    trainer/rank_RRRRR.pt   step, tokens, data position, RNG states of that rank
+    meta.json       step, parallel sizes, wandb id, config digest
+    manifest.json   every file with size and checksum (written last)
+
+Publishing is atomic: everything goes into `iter_NNNNNNN.tmp/`, the manifest is written, the
+directory is renamed, and only then is `latest_checkpointed_iteration.txt` updated. A crash at
+any point leaves the previous checkpoint as the latest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+from typing import Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import manifest as mf
+from . import rng
+
+TRACKER = "latest_checkpointed_iteration.txt"
+_ITER_RE = re.compile(r"^iter_(\d{7,})$")
+
+
+def iter_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"iter_{step:07d}")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _warn(msg: str) -> None:
+    if _rank() == 0:
+        print(f"[checkpoint] WARNING: {msg}", file=sys.stderr, flush=True)
+
+
+def _info(msg: str) -> None:
+    if _rank() == 0:
+        print(f"[checkpoint] {msg}", file=sys.stderr, flush=True)
+
+
+def complete_checkpoints(root: str) -> List[int]:
+    """Steps of published checkpoint directories (with a manifest), newest first."""
+    if not os.path.isdir(root):
+        return []
+    steps = []
+    for name in os.listdir(root):
+        m = _ITER_RE.match(name)
+        if m and os.path.isfile(os.path.join(root, name, mf.MANIFEST)):
+            steps.append(int(m.group(1)))
+    return sorted(steps, reverse=True)
+
+
+def read_tracker(root: str) -> Optional[int]:
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    return int(text) if text.isdigit() else None
+
+
+def _write_tracker(root: str, step: int) -> None:
+    tmp = os.path.join(root, TRACKER + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(f"{step}\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, os.path.join(root, TRACKER))
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A run directory, its checkpoints/ directory or one iter_ directory -> an iter_ directory."""
+    path = os.path.abspath(path)
+    if os.path.isfile(os.path.join(path, mf.MANIFEST)):
+        return path
+    for root in (os.path.join(path, "checkpoints"), path):
+        if os.path.isdir(root):
+            step = read_tracker(root)
+            steps = complete_checkpoints(root)
+            if step is not None and os.path.isdir(iter_dir(root, step)):
+                return iter_dir(root, step)
+            if steps:
+                return iter_dir(root, steps[0])
+    raise FileNotFoundError(f"no checkpoint found at {path!r} (expected a run directory, its "
+                            "checkpoints/ directory, or an iter_NNNNNNN directory)")
+
+
+class CheckpointManager:
+    """Owns run_dir/checkpoints: atomic save, verified resume, keep-last-K pruning.
+
+    `model` is the bare Megatron module; `engine` the DeepSpeed engine wrapping it.
+    `trainer_state()` returns this rank's small state (step, data position, ...);
+    `load_trainer_state(state)` puts it back.
+    """
+
+    def __init__(self, run_dir: str, engine, model, keep_last: int, tp_size: int,
+                 memory_in_checkpoint: Callable[[], bool] = lambda: False):
+        self.root = os.path.join(run_dir, "checkpoints")
+        self.engine, self.model = engine, model
+        self.keep_last, self.tp_size = keep_last, tp_size
+        self.memory_in_checkpoint = memory_in_checkpoint
+        self.loaded_step: Optional[int] = None
+
+    # ------------------------------------------------------------------ save
+
+    def save(self, step: int, trainer_state: dict, meta: dict) -> str:
+        """Collective. Returns the published directory."""
+        final = iter_dir(self.root, step)
+        tmp = final + ".tmp"
+        if _rank() == 0:
+            os.makedirs(self.root, exist_ok=True)
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)  # left by a crash during an earlier save
+            os.makedirs(os.path.join(tmp, "trainer"))
+        _barrier()
+
+        self._save_model(os.path.join(tmp, "model"))
+        self.engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="state", save_latest=False)
+        torch.save(trainer_state, os.path.join(tmp, "trainer", f"rank_{_rank():05d}.pt"))
+        if _rank() == 0:
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            full_meta = dict(meta, step=step, world_size=world, tensor_model_parallel_size=self.tp_size)
+            with open(os.path.join(tmp, "meta.json"), "w") as fh:
+                json.dump(full_meta, fh, indent=1)
+        _barrier()
+        mf.write_manifest(tmp, {"step": step})
+        _barrier()
+        if _rank() == 0:
+            if os.path.exists(final):  # re-saving the same step (e.g. after a resume)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_tracker(self.root, step)
+            self._prune(step)
+        _barrier()
+        return final
+
+    def _save_model(self, path: str) -> None:
+        from megatron.core import dist_checkpointing
+
+        os.makedirs(path, exist_ok=True) if _rank() == 0 else None
+        _barrier()
+        with self._gathered():
+            sharded = self._sharded_state()
+            dist_checkpointing.save(sharded, path)
+
+    def _sharded_state(self) -> dict:
+        sharded = self.model.sharded_state_dict()
+        if self.memory_in_checkpoint():
+            from megatron_infini.streaming import memory_sharded_state_dict
+
+            sharded.update(memory_sharded_state_dict(self.model))
+        return sharded
+
+    def _gathered(self):
+        """ZeRO-3 partitions parameters: gather them around building the Megatron state."""
+        import contextlib
+
+        if getattr(self.engine, "zero_optimization_stage", lambda: 0)() == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=0)
+        return contextlib.nullcontext()
+
+    def _prune(self, newest: int) -> None:
+        if self.keep_last <= 0:
+            return
+        keep = set(complete_checkpoints(self.root)[: self.keep_last]) | {newest}
+        if self.loaded_step is not None and self.loaded_step not in keep:
+            # the checkpoint we resumed from stays until K newer ones exist
+            if len([s for s in keep if s > self.loaded_step]) < self.keep_last:
+                keep.add(self.loaded_step)
+        for step in complete_checkpoints(self.root):
+            if step not in keep:
+                shutil.rmtree(iter_dir(self.root, step), ignore_errors=True)
+        for name in os.listdir(self.root):  # stale temporaries of older steps
+            if name.endswith(".tmp") and name != f"iter_{newest:07d}.tmp" and os.path.isdir(os.path.join(self.root, name)):
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+
+    # ------------------------------------------------------------------ load
+
+    def candidates(self, resume: str) -> List[str]:
+        """Directories to try, best first: the tracker's, then older complete ones."""
+        if resume == "none":
+            return []
+        if resume != "auto":
+            return [resolve_checkpoint(resume)]
+        steps = complete_checkpoints(self.root)
+        tracked = read_tracker(self.root)
+        if tracked is not None and tracked in steps:
+            steps.remove(tracked)
+            steps.insert(0, tracked)
+        return [iter_dir(self.root, s) for s in steps]
+
+    def load(self, resume: str, allow_fresh_optimizer: bool) -> Optional[dict]:
+        """Collective. Load the newest valid checkpoint; return this rank's trainer state and
+        the checkpoint's meta, or None when there is nothing to resume from."""
+        for path in self.candidates(resume):
+            try:
+                mf.verify(path)
+            except mf.CheckpointCorrupt as e:
+                if resume != "auto":
+                    raise
+                _warn(f"skipping corrupt checkpoint: {e}")
+                continue
+            return self._load_from(path, allow_fresh_optimizer)
+        return None
+
+    def _load_from(self, path: str, allow_fresh_optimizer: bool) -> dict:
+        from megatron.core import dist_checkpointing
+
+        with open(os.path.join(path, "meta.json")) as fh:
+            meta = json.load(fh)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        same_layout = meta["tensor_model_parallel_size"] == self.tp_size and meta["world_size"] == world
+        if same_layout:
+            self.engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="state",
+                                        load_optimizer_states=True, load_lr_scheduler_states=False)
+        elif not allow_fresh_optimizer:
+            raise RuntimeError(
+                f"checkpoint {path} was written with tensor_model_parallel_size="
+                f"{meta['tensor_model_parallel_size']} on {meta['world_size']} ranks; this run has "
+                f"{self.tp_size} on {world}. The model weights reshard, the optimizer state does not: "
+                "set checkpoint.allow_fresh_optimizer=true to continue with a new optimizer state"
+            )
+        else:
+            _warn(
+                f"parallel layout changed (TP {meta['tensor_model_parallel_size']} x {meta['world_size']} ranks "
+                f"-> TP {self.tp_size} x {world}): model weights are resharded, the OPTIMIZER STATE IS NEW"
+            )
+        # Model weights from the reshardable copy (authoritative, and the only one usable when
+        # the tensor-parallel size changed).
+        if not (same_layout and getattr(self.engine, "zero_optimization_stage", lambda: 0)() == 3):
+            sharded = self._sharded_state()
+            state = dist_checkpointing.load(sharded, os.path.join(path, "model"))
+            memory = {k: v for k, v in state.items() if k.startswith("infini_memory.")}
+            weights = {k: v for k, v in state.items() if not k.startswith("infini_memory.")}
+            self.model.load_state_dict(weights, strict=True)
+            if memory:
+                from megatron_infini.streaming import load_memory_state_dict
+
+                load_memory_state_dict(self.model, memory)
+        rank_file = os.path.join(path, "trainer", f"rank_{_rank():05d}.pt")
+        if not same_layout or not os.path.isfile(rank_file):
+            rank_file = os.path.join(path, "trainer", "rank_00000.pt")
+        trainer_state = torch.load(rank_file, weights_only=True, map_location="cpu")
+        if not same_layout:
+            trainer_state.pop("rng", None)  # per-rank RNG streams do not map onto a new layout
+        self.loaded_step = meta["step"]
+        _info(f"resumed from {path} (step {meta['step']})")
+        return {"trainer": trainer_state, "meta": meta, "path": path}
+
+
+def restore_rng(trainer_state: dict) -> None:
+    if "rng" in trainer_state:
+        rng.restore(trainer_state["rng"])

@@ -1,0 +1,448 @@
+"""The trainer's typed configuration: dataclasses are the source of truth.
+
+YAML files only serialise these dataclasses and the command line only overrides fields
+(`train.steps=100 model.memory_update=delta`). Unknown keys, wrong types and bad values raise
+`ConfigError` (a ValueError) naming the key, with a close match when there is one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+def _one_of(key: str, value, allowed: Sequence):
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+
+
+def _at_least(key: str, value, low):
+    if value < low:
+        raise ConfigError(f"{key} must be >= {low}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the Llama-style Infini-attention GPT model."""
+
+    num_layers: int = 2
+    """Transformer layers."""
+    hidden_size: int = 64
+    """Model width."""
+    ffn_hidden_size: Optional[int] = None
+    """MLP width; default: 4 * hidden_size (GELU) or Llama's 8/3 * hidden_size rounded up to 64 (SwiGLU)."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_query_groups: Optional[int] = None
+    """Key/value heads (grouped-query attention); default: num_attention_heads."""
+    vocab_size: Optional[int] = None
+    """Vocabulary size; default: the tokenizer's, padded up to a multiple of 128 x TP."""
+    segment_length: int = 64
+    """Infini-attention segment length N: local attention sees N tokens, the memory the rest."""
+    memory_update: str = "linear"
+    """Memory update rule: linear | delta."""
+    memory_enabled: bool = True
+    """False: plain segment-local attention, no memory (the ablation)."""
+    gate_init: float = 0.0
+    """Initial gate logit beta (sigmoid(0) = 0.5 mixes memory and local attention evenly)."""
+    checkpoint_segments: int = 0
+    """Activation checkpointing inside attention in blocks of this many segments; 0 = off."""
+    normalization: str = "RMSNorm"
+    """RMSNorm | LayerNorm."""
+    activation: str = "swiglu"
+    """swiglu (Llama) | gelu."""
+    rotary_base: int = 10000
+    """RoPE base (Llama 3 uses 500000)."""
+    init_method_std: float = 0.02
+    """Std of the normal weight initialisation."""
+    untie_embeddings: bool = True
+    """Separate input embedding and output layer (Llama)."""
+    recompute_layers: bool = False
+    """Full activation recomputation of every transformer layer."""
+
+    def validate(self, prefix: str = "model") -> None:
+        for key in ("num_layers", "hidden_size", "num_attention_heads", "segment_length"):
+            _at_least(f"{prefix}.{key}", getattr(self, key), 1)
+        _one_of(f"{prefix}.memory_update", self.memory_update, ("linear", "delta"))
+        _one_of(f"{prefix}.normalization", self.normalization, ("RMSNorm", "LayerNorm"))
+        _one_of(f"{prefix}.activation", self.activation, ("swiglu", "gelu"))
+        _at_least(f"{prefix}.checkpoint_segments", self.checkpoint_segments, 0)
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"{prefix}.hidden_size ({self.hidden_size}) must be divisible by "
+                f"{prefix}.num_attention_heads ({self.num_attention_heads})"
+            )
+        groups = self.num_query_groups or self.num_attention_heads
+        if self.num_attention_heads % groups:
+            raise ConfigError(
+                f"{prefix}.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"{prefix}.num_query_groups ({groups})"
+            )
+
+
+@dataclass
+class ParallelConfig:
+    """Megatron-core model parallelism; data parallelism takes the remaining ranks."""
+
+    tensor_model_parallel_size: int = 1
+    """Ranks that split every layer's heads and MLP."""
+    sequence_parallel: bool = False
+    """Split norms and dropout along the sequence over the tensor-parallel ranks."""
+    timeout_minutes: float = 10.0
+    """Collective timeout: a rank that dies makes the others fail after this long, never hang."""
+
+    def validate(self, prefix: str = "parallel") -> None:
+        _at_least(f"{prefix}.tensor_model_parallel_size", self.tensor_model_parallel_size, 1)
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ConfigError(f"{prefix}.sequence_parallel needs {prefix}.tensor_model_parallel_size > 1")
+
+
+@dataclass
+class DataConfig:
+    """Tokenized training data (see tools/preprocess_data.py)."""
+
+    train_data: str = ""
+    """Prefix of the preprocessed training data (.bin/.idx); empty: the corpus shipped with the package."""
+    valid_data: str = ""
+    """Prefix of preprocessed validation data; empty: the shipped validation play when train_data is
+    empty too, else no validation."""
+    tokenizer: str = ""
+    """sentencepiece .model file; empty: the tokenizer shipped with the package."""
+    seed: int = 1234
+    """Seed of the document order."""
+
+    def validate(self, prefix: str = "data") -> None:
+        pass  # paths are checked when the data is opened, with the file named
+
+
+@dataclass
+class TrainConfig:
+    """Steps, batch and sequence."""
+
+    steps: int = 40
+    """Optimizer steps to run in total (a resumed run continues up to this)."""
+    micro_batch_size: int = 2
+    """Sequences per rank per forward pass."""
+    global_batch_size: int = 4
+    """Sequences per optimizer step over all data-parallel ranks (gradient accumulation fills the gap)."""
+    seq_length: int = 256
+    """Tokens per training sequence; the model reads it segment by segment."""
+    seed: int = 1234
+    """Seed of the weight initialisation and of every rank's RNG."""
+    require_whole_segments: bool = True
+    """Refuse a seq_length that is not a multiple of model.segment_length."""
+    eval_interval: int = 0
+    """Evaluate the validation loss every this many steps; 0 = never."""
+    eval_iters: int = 4
+    """Validation batches per evaluation."""
+
+    def validate(self, prefix: str = "train") -> None:
+        for key in ("steps", "micro_batch_size", "global_batch_size", "seq_length", "eval_iters"):
+            _at_least(f"{prefix}.{key}", getattr(self, key), 1)
+        _at_least(f"{prefix}.eval_interval", self.eval_interval, 0)
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with separate parameter groups for the Infini gates and for norms/biases."""
+
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay of matrices (norms, biases and gates get none)."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    gate_lr: float = 1e-2
+    """Learning rate of the Infini gates beta (INFINI.md: a global lr leaves ~95% of gates at 0.5)."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this; 0 = off."""
+    warmup_steps: int = 4
+    """Linear warm-up steps."""
+    decay_steps: Optional[int] = None
+    """Cosine decay length after warm-up; default: train.steps - warmup_steps."""
+    schedule: str = "cosine"
+    """cosine | constant (after warm-up)."""
+
+    def validate(self, prefix: str = "optimizer") -> None:
+        for key in ("lr", "gate_lr", "min_lr", "weight_decay", "clip_grad", "eps"):
+            _at_least(f"{prefix}.{key}", getattr(self, key), 0)
+        _at_least(f"{prefix}.warmup_steps", self.warmup_steps, 0)
+        _one_of(f"{prefix}.schedule", self.schedule, ("cosine", "constant"))
+        if self.min_lr > self.lr:
+            raise ConfigError(f"{prefix}.min_lr ({self.min_lr}) must not exceed {prefix}.lr ({self.lr})")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """DeepSpeed engine settings."""
+
+    zero_stage: int = 1
+    """ZeRO stage: 0 (plain data parallel), 1, 2 or 3."""
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32."""
+    extra: Dict[str, Any] = field(default_factory=dict)
+    """Raw DeepSpeed config entries merged over ours (for knobs not exposed here)."""
+
+    def validate(self, prefix: str = "deepspeed") -> None:
+        _one_of(f"{prefix}.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _one_of(f"{prefix}.precision", self.precision, ("auto", "bf16", "fp32"))
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints under run_dir/checkpoints."""
+
+    save_interval: int = 0
+    """Save every this many steps (and at the end); 0 = only at the end and on stop requests."""
+    keep_last: int = 3
+    """Keep the newest this many checkpoints; 0 keeps all."""
+    resume: str = "auto"
+    """auto (latest complete checkpoint in run_dir, if any) | none | a checkpoint path."""
+    exit_duration_minutes: float = 0.0
+    """Save and exit with the requeue code after this many minutes; 0 = no limit."""
+    allow_fresh_optimizer: bool = False
+    """On a tensor-parallel size change, continue with a new optimizer state instead of failing."""
+
+    def validate(self, prefix: str = "checkpoint") -> None:
+        _at_least(f"{prefix}.save_interval", self.save_interval, 0)
+        _at_least(f"{prefix}.keep_last", self.keep_last, 0)
+        _at_least(f"{prefix}.exit_duration_minutes", self.exit_duration_minutes, 0)
+
+
+@dataclass
+class LoggingConfig:
+    """Console, metrics.jsonl and Weights & Biases."""
+
+    wandb_mode: str = "disabled"
+    """online | offline (local run directory, `wandb sync` later) | disabled (never imports wandb)."""
+    wandb_project: str = "megatron-infini"
+    """W&B project."""
+    wandb_entity: Optional[str] = None
+    """W&B entity (team); default: the user's."""
+    run_name: Optional[str] = None
+    """Display name of the run; default: the run directory's name."""
+    progress_bar: bool = True
+    """Show a progress bar with ETA on rank 0's console."""
+    log_interval: int = 1
+    """Print a metrics line every this many steps (metrics.jsonl gets every step)."""
+
+    def validate(self, prefix: str = "logging") -> None:
+        _one_of(f"{prefix}.wandb_mode", self.wandb_mode, ("online", "offline", "disabled"))
+        _at_least(f"{prefix}.log_interval", self.log_interval, 1)
+
+
+@dataclass
+class Config:
+    """Everything one training run needs."""
+
+    run_dir: str = "runs/debug"
+    """Directory of this run: resolved config, metrics, checkpoints, logs."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> "Config":
+        if not self.run_dir:
+            raise ConfigError("run_dir must be set")
+        for f in dataclasses.fields(self):
+            sub = getattr(self, f.name)
+            if dataclasses.is_dataclass(sub):
+                sub.validate(f.name)
+        m, t = self.model, self.train
+        if t.require_whole_segments and t.seq_length % m.segment_length:
+            raise ConfigError(
+                f"train.seq_length ({t.seq_length}) must be a multiple of model.segment_length "
+                f"({m.segment_length}); set train.require_whole_segments=false to allow a short last segment"
+            )
+        tp = self.parallel.tensor_model_parallel_size
+        groups = m.num_query_groups or m.num_attention_heads
+        if m.num_attention_heads % tp or groups % tp:
+            raise ConfigError(
+                f"model.num_attention_heads ({m.num_attention_heads}) and model.num_query_groups ({groups}) "
+                f"must be divisible by parallel.tensor_model_parallel_size ({tp})"
+            )
+        return self
+
+    def check_world(self, world_size: int) -> int:
+        """Validate against the number of ranks; return the data-parallel size."""
+        tp = self.parallel.tensor_model_parallel_size
+        if world_size % tp:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size ({tp})"
+            )
+        dp = world_size // tp
+        t = self.train
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ConfigError(
+                f"train.global_batch_size ({t.global_batch_size}) must be divisible by train.micro_batch_size "
+                f"({t.micro_batch_size}) x data-parallel size ({dp}) = {t.micro_batch_size * dp}"
+            )
+        return dp
+
+
+# --------------------------------------------------------------------------- (de)serialisation
+
+
+def to_dict(cfg) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config, path: str) -> None:
+    """Write the resolved config (atomically: a reader never sees half a file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as fh:
+        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def _field_types(cls) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check (and gently coerce) a YAML value against a dataclass field type."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin in (list, List):
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):  # a single path given on the command line
+            value = [value] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def _unknown(key: str, name: str, known: Sequence[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, known, n=1)
+    parent = key[: -len(name)]
+    hint = f"; did you mean {parent + close[0]!r}?" if close else f"; known keys: {', '.join(sorted(known))}"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _build(cls, data: Dict[str, Any], prefix: str = ""):
+    types = _field_types(cls)
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in types:
+            raise _unknown(key, name, list(types))
+        kwargs[name] = _coerce(key, value, types[name])
+    return cls(**kwargs)
+
+
+def _is_str_field(tp) -> bool:
+    if typing.get_origin(tp) is typing.Union:
+        return str in typing.get_args(tp)
+    return tp is str
+
+
+def _set_dotted(data: Dict[str, Any], dotted: str, value: Any, raw: Optional[str] = None) -> None:
+    cls = Config
+    node = data
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        types = _field_types(cls)
+        key = ".".join(parts[: i + 1])
+        if part not in types:
+            raise _unknown(key, part, list(types))
+        tp = types[part]
+        if i == len(parts) - 1:
+            # YAML reads `on`/`no`/`1e3` as bool/float; a string field keeps the text as typed
+            node[part] = raw if raw is not None and _is_str_field(tp) and raw != "null" else value
+        else:
+            if not dataclasses.is_dataclass(tp):
+                if typing.get_origin(tp) in (dict, Dict):  # free-form mapping, e.g. deepspeed.extra.x
+                    sub = node.setdefault(part, {})
+                    for p in parts[i + 1 : -1]:
+                        sub = sub.setdefault(p, {})
+                    sub[parts[-1]] = value
+                    return
+                raise ConfigError(f"{key} is not a section; cannot set {dotted!r}")
+            node = node.setdefault(part, {})
+            cls = tp
+
+
+def parse_override(text: str):
+    """`key.sub=value` -> ("key.sub", value, raw text), the value read as YAML (numbers, bools, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value, raw
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config (or defaults when path is None), apply dotted overrides, validate."""
+    data: Dict[str, Any] = {}
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} does not exist")
+        with open(path) as fh:
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path!r} must hold a mapping at the top level")
+    for text in overrides:
+        key, value, raw = parse_override(text)
+        _set_dotted(data, key, value, raw)
+    return _build(Config, data).validate()

@@ -1,0 +1,220 @@
+"""The training loop: micro batches, optimizer steps, metrics, stop requests, checkpoints.
+
+Legend: b micro batch, s sequence length, dp data-parallel size, tp tensor-parallel size.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import time
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_infini.checkpointing import CheckpointManager, restore_rng
+from megatron_infini.checkpointing import rng as rng_state
+from megatron_infini.data import SHAKESPEARE_TOKENIZER, SHAKESPEARE_TRAIN_PREFIX, SHAKESPEARE_VALID_PREFIX
+from megatron_infini.data.dataset import PackedDocumentDataset, check_vocab
+from megatron_infini.data.preprocess import read_metadata
+from megatron_infini.data.tokenizer import Tokenizer
+from megatron_infini.flops import gpt_model_flops_per_step
+
+from . import exit_codes
+from .config import Config, ConfigError, dump_yaml
+from .distributed import all_reduce_max, seed_everything
+from .engine import build_engine, use_bf16
+from .metrics import MetricsLogger
+from .model import build_model, ffn_size, padded_vocab_size
+from .schedule import apply_lr
+from .stats import gate_stats, memory_stats
+
+
+class StopRequest:
+    """Set by SIGUSR1 / SIGTERM, the stop file, or the time limit; agreed across ranks."""
+
+    def __init__(self, run_dir: str, exit_minutes: float):
+        self.flag = False
+        self.stop_file = os.path.join(run_dir, exit_codes.STOP_FILE)
+        self.deadline = time.monotonic() + exit_minutes * 60 if exit_minutes > 0 else None
+        self.reason = ""
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.flag = True
+        self.reason = signal.Signals(signum).name
+
+    def check(self) -> bool:
+        local = self.flag
+        if not local and os.path.exists(self.stop_file):
+            local, self.reason = True, "stop file"
+        if not local and self.deadline is not None and time.monotonic() > self.deadline:
+            local, self.reason = True, "checkpoint.exit_duration_minutes"
+        return all_reduce_max(local)
+
+    def clear(self) -> None:
+        if dist.get_rank() == 0 and os.path.exists(self.stop_file):
+            os.remove(self.stop_file)
+
+
+def resolve_data(cfg: Config):
+    """Training/validation prefixes and tokenizer path; the shipped corpus when none is given."""
+    train = cfg.data.train_data or SHAKESPEARE_TRAIN_PREFIX
+    valid = cfg.data.valid_data or ("" if cfg.data.train_data else SHAKESPEARE_VALID_PREFIX)
+    tokenizer = cfg.data.tokenizer or SHAKESPEARE_TOKENIZER
+    return str(train), str(valid), str(tokenizer)
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.rank = dist.get_rank()
+        self.dp = cfg.check_world(dist.get_world_size())
+        self.dp_rank = ps.get_data_parallel_rank()
+        train_prefix, valid_prefix, tok_path = resolve_data(cfg)
+
+        # Cheap checks first: data and tokenizer problems surface before any model is built.
+        tokenizer = Tokenizer(tok_path)
+        meta = read_metadata(train_prefix)
+        if meta is not None and meta.get("tokenizer_vocab_size") not in (None, tokenizer.vocab_size):
+            raise ConfigError(
+                f"data.tokenizer {tok_path!r} has {tokenizer.vocab_size} tokens but {train_prefix!r} was "
+                f"tokenized with {meta['tokenizer_vocab_size']}; use the tokenizer the data was made with"
+            )
+        tp = cfg.parallel.tensor_model_parallel_size
+        self.vocab_size = cfg.model.vocab_size or padded_vocab_size(tokenizer.vocab_size, tp)
+        check_vocab(tokenizer.vocab_size, self.vocab_size)
+        kw = dict(seq_length=cfg.train.seq_length, seed=cfg.data.seed, dp_rank=self.dp_rank,
+                  dp_world_size=self.dp, model_vocab_size=self.vocab_size)
+        self.train_data = PackedDocumentDataset(train_prefix, **kw)
+        self.valid_data = PackedDocumentDataset(valid_prefix, shuffle=False, **kw) if valid_prefix else None
+
+        seed_everything(cfg.train.seed)
+        self.model = build_model(cfg, self.vocab_size, bf16=use_bf16(cfg))
+        self.engine, self.optimizer = build_engine(self.model, cfg, self.dp)
+        self.grad_acc = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp)
+        self.ckpt = CheckpointManager(cfg.run_dir, self.engine, self.model, cfg.checkpoint.keep_last, tp)
+        self.step = 0
+        self.consumed_tokens = 0
+        self.wandb_id: Optional[str] = None
+        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        m = cfg.model
+        self.flops_per_step = gpt_model_flops_per_step(
+            num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=ffn_size(m),
+            num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups or m.num_attention_heads,
+            vocab_size=self.vocab_size, seq_length=cfg.train.seq_length, batch=cfg.train.global_batch_size,
+            segment_length=m.segment_length, update=m.memory_update, gated_mlp=m.activation == "swiglu",
+            memory_enabled=m.memory_enabled,
+        )
+
+    # ----------------------------------------------------------------- state
+
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "consumed_tokens": self.consumed_tokens,
+                "data": self.train_data.state_dict(), "rng": rng_state.capture()}
+
+    def resume(self) -> None:
+        loaded = self.ckpt.load(self.cfg.checkpoint.resume, self.cfg.checkpoint.allow_fresh_optimizer)
+        if loaded is None:
+            return
+        state = loaded["trainer"]
+        self.step, self.consumed_tokens = int(state["step"]), int(state["consumed_tokens"])
+        self.train_data.load_state_dict(state["data"])
+        restore_rng(state)
+        self.wandb_id = loaded["meta"].get("wandb_id")
+
+    def save(self, logger: MetricsLogger) -> None:
+        t0 = time.perf_counter()
+        path = self.ckpt.save(self.step, self.trainer_state(),
+                              {"wandb_id": logger.wandb_id, "consumed_tokens": self.consumed_tokens})
+        logger.event("checkpoint", step=self.step, path=path, seconds=round(time.perf_counter() - t0, 3))
+
+    # ------------------------------------------------------------------ steps
+
+    def forward_loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(self.device)
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]  # [b, s]
+        s = inputs.shape[1]
+        position_ids = torch.arange(s, device=self.device).unsqueeze(0).expand_as(inputs)
+        per_token = self.engine(inputs, position_ids, None, labels=labels)  # [b, s]
+        return per_token.float().mean()
+
+    def _dp_mean(self, value: torch.Tensor) -> float:
+        value = value.detach().clone().to(self.device)
+        dist.all_reduce(value, group=ps.get_data_parallel_group())
+        return value.item() / self.dp
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        if self.valid_data is None:
+            return None
+        self.engine.eval()
+        self.valid_data.consumed_samples = 0
+        losses = [self.forward_loss(b) for b in self.valid_data.batches(self.cfg.train.micro_batch_size,
+                                                                        self.cfg.train.eval_iters)]
+        self.engine.train()
+        return self._dp_mean(torch.stack(losses).mean())
+
+    def train(self) -> int:
+        cfg = self.cfg
+        self.resume()
+        if self.rank == 0:
+            dump_yaml(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+        logger = MetricsLogger(cfg, self.rank, self.step, wandb_id=self.wandb_id)
+        stop = StopRequest(cfg.run_dir, cfg.checkpoint.exit_duration_minutes)
+        try:
+            logger.event("start", step=self.step, world_size=dist.get_world_size(), dp=self.dp,
+                         tp=cfg.parallel.tensor_model_parallel_size)
+            batches = self.train_data.batches(cfg.train.micro_batch_size)
+            tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
+            saved_at = self.step
+            while self.step < cfg.train.steps:
+                t0 = time.perf_counter()
+                lr = apply_lr(self.engine.optimizer, self.step, cfg.optimizer, cfg.train.steps)
+                losses = []
+                for _ in range(self.grad_acc):
+                    loss = self.forward_loss(next(batches))
+                    self.engine.backward(loss)
+                    self.engine.step()
+                    losses.append(loss.detach())
+                self.step += 1
+                self.consumed_tokens += tokens_per_step
+                loss = self._dp_mean(torch.stack(losses).mean())
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                metrics: Dict[str, float] = {
+                    "loss": loss, "lr": lr, "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                    "tokens_per_s": tokens_per_step / dt, "step_time_s": dt,
+                    "tflops_per_gpu": self.flops_per_step / dt / dist.get_world_size() / 1e12,
+                    "consumed_tokens": self.consumed_tokens, "peak_mem_gb": peak_memory_gb(),
+                    **gate_stats(self.model), **memory_stats(self.model),
+                }
+                if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
+                    metrics["val_loss"] = self.evaluate()
+                logger.log(self.step, metrics)
+                if stop.check():
+                    self.save(logger)
+                    stop.clear()
+                    logger.event("stop", step=self.step, reason=stop.reason or "another rank")
+                    return exit_codes.EXIT_REQUEUE
+                interval = cfg.checkpoint.save_interval
+                if interval and self.step % interval == 0 and self.step < cfg.train.steps:
+                    self.save(logger)
+                    saved_at = self.step
+            if saved_at != self.step or not self.ckpt.candidates("auto"):
+                self.save(logger)
+            logger.event("done", step=self.step)
+            return exit_codes.EXIT_OK
+        finally:
+            logger.close()

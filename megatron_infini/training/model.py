@@ -1,0 +1,79 @@
+"""Build the Megatron-core GPTModel with Infini-attention from the trainer's config."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import Config, ModelConfig
+
+
+def padded_vocab_size(vocab: int, tp: int, multiple: int = 128) -> int:
+    """Megatron pads the vocabulary so every tensor-parallel shard is a multiple of 128."""
+    step = multiple * tp
+    return -(-vocab // step) * step
+
+
+def ffn_size(m: ModelConfig) -> int:
+    if m.ffn_hidden_size:
+        return m.ffn_hidden_size
+    if m.activation == "swiglu":  # Llama: 2/3 of 4h, rounded up to a multiple of 64
+        return -(-int(8 * m.hidden_size / 3) // 64) * 64
+    return 4 * m.hidden_size
+
+
+def transformer_config(cfg: Config, bf16: bool):
+    """The `InfiniTransformerConfig` for this run (Megatron field names)."""
+    from megatron_infini.config import InfiniTransformerConfig
+
+    m, p = cfg.model, cfg.parallel
+    recompute = (
+        dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        if m.recompute_layers else {}
+    )
+    return InfiniTransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=ffn_size(m),
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups or m.num_attention_heads,
+        segment_length=m.segment_length,
+        memory_update=m.memory_update,
+        memory_enabled=m.memory_enabled,
+        gate_init=m.gate_init,
+        checkpoint_segments=m.checkpoint_segments,
+        normalization=m.normalization,
+        gated_linear_unit=m.activation == "swiglu",
+        activation_func=F.silu if m.activation == "swiglu" else F.gelu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        layernorm_epsilon=1e-5,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        **recompute,
+    )
+
+
+def build_model(cfg: Config, vocab_size: int, bf16: bool = False):
+    """GPTModel (Llama-style by default) whose every attention layer is Infini-attention."""
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_infini.spec import get_gpt_layer_infini_spec
+
+    model = GPTModel(
+        config=transformer_config(cfg, bf16),
+        transformer_layer_spec=get_gpt_layer_infini_spec(),
+        vocab_size=vocab_size,
+        max_sequence_length=cfg.train.seq_length,
+        position_embedding_type="rope",
+        rotary_base=cfg.model.rotary_base,
+        share_embeddings_and_output_weights=not cfg.model.untie_embeddings,
+    )
+    if torch.cuda.is_available():
+        model.cuda()
+    return model
