@@ -11,7 +11,10 @@ import sys
 
 # subcommand -> (module with a `main(argv)` function, one-line help)
 SUBCOMMANDS = {
-    "bench-attention": ("megatron_infini.tools_entry.bench_attention", "benchmark the op against full attention"),
+    "train": ("megatron_infini.train", "train (run under torchrun for several ranks)"),
+    "launch": ("launch.cli", "submit a Slurm job or run torchrun locally"),
+    "train-tokenizer": ("megatron_infini.data.train_tokenizer", "train a sentencepiece tokenizer"),
+    "preprocess": ("megatron_infini.data.preprocess", "tokenize text/JSONL into indexed shards"),
 }
 
 

@@ -136,6 +136,9 @@ def _forward(q, k, v, gate, q_local, k_local, M0, z0, N, update, scale, eps):
     sq = sq.view(n, N, b, hkv, g, dk).permute(2, 3, 0, 4, 1, 5).reshape(b, hkv, n, g * N, dk)
 
     dz = sk.sum(dim=3)  # (b, hkv, n, dk)
+    cz = torch.cumsum(dz, dim=2)
+    z_prev = torch.cat([z0.unsqueeze(2), z0.unsqueeze(2) + cz[:, :, :-1]], dim=2)  # (b, hkv, n, dk)
+    z_last = z0 + cz[:, :, -1]
     if update == "linear":
         dM = sk.transpose(-1, -2) @ vf  # (b, hkv, n, dk, dv)
         cM = torch.cumsum(dM, dim=2)
@@ -147,14 +150,10 @@ def _forward(q, k, v, gate, q_local, k_local, M0, z0, N, update, scale, eps):
         for j in range(n):  # sequential: each update reads the state the previous one left
             states.append(M)
             skj = sk[:, :, j]  # (b, hkv, N, dk)
-            zj = z0 + (dz[:, :, :j].sum(dim=2) if j else 0.0)  # z before segment j, (b, hkv, dk)
-            v_old = (skj @ M) / (skj @ zj.unsqueeze(-1) + eps)  # (b, hkv, N, dv)
+            v_old = (skj @ M) / (skj @ z_prev[:, :, j].unsqueeze(-1) + eps)  # (b, hkv, N, dv)
             M = M + skj.transpose(-1, -2) @ (vf[:, :, j] - v_old)
         M_prev = torch.stack(states, dim=2)  # (b, hkv, n, dk, dv)
         M_last = M
-    cz = torch.cumsum(dz, dim=2)
-    z_prev = torch.cat([z0.unsqueeze(2), z0.unsqueeze(2) + cz[:, :, :-1]], dim=2)  # (b, hkv, n, dk)
-    z_last = z0 + cz[:, :, -1]
 
     num = sq @ M_prev  # (b, hkv, n, g*N, dv)
     den = sq @ z_prev.unsqueeze(-1)  # (b, hkv, n, g*N, 1)

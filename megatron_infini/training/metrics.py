@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from typing import Any, Dict, Optional
 
 from .config import Config, to_dict
@@ -101,7 +102,7 @@ class MetricsLogger:
         elif os.path.exists(id_file):
             run_id = open(id_file).read().strip()
         else:
-            run_id = wandb.util.generate_id()
+            run_id = uuid.uuid4().hex[:12]
             with open(id_file, "w") as fh:
                 fh.write(run_id)
         self.wandb_run = wandb.init(

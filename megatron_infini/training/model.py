@@ -63,11 +63,12 @@ def build_model(cfg: Config, vocab_size: int, bf16: bool = False):
     """GPTModel (Llama-style by default) whose every attention layer is Infini-attention."""
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_infini.spec import get_gpt_layer_infini_spec
+    from megatron_infini.spec import get_gpt_block_infini_spec
 
+    config = transformer_config(cfg, bf16)
     model = GPTModel(
-        config=transformer_config(cfg, bf16),
-        transformer_layer_spec=get_gpt_layer_infini_spec(),
+        config=config,
+        transformer_layer_spec=get_gpt_block_infini_spec(config),
         vocab_size=vocab_size,
         max_sequence_length=cfg.train.seq_length,
         position_embedding_type="rope",

@@ -1,0 +1,138 @@
+"""`InfiniTransformerConfig`: Megatron's `TransformerConfig` plus the Infini-attention fields.
+
+Every field of Megatron's config keeps its meaning. The new fields configure the op
+(`megatron_infini.ops.infini_attention`) used by every attention layer of the model. Bad
+values and combinations the layer does not support raise `ValueError` at construction, with
+a message that names the fields.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_infini.ops import UPDATE_RULES
+
+#: |gate_init| above this saturates the sigmoid: the memory path (very negative) or the
+#: local path (very positive) gets no gradient. INFINI.md: a -100 init killed the memory.
+GATE_INIT_LIMIT = 10.0
+
+
+@dataclass
+class InfiniTransformerConfig(TransformerConfig):
+    """TransformerConfig for models whose attention layers are Infini-attention."""
+
+    segment_length: int = 2048
+    """N: tokens per segment. Local softmax attention stays inside a segment (RoPE positions
+    0..N-1); the compressive memory carries everything before it. Must be >= 1."""
+
+    memory_update: str = "linear"
+    """Memory update rule: "linear" (M += sigma(K)^T V) or "delta" (M += sigma(K)^T (V - read))."""
+
+    gate_init: float = 0.0
+    """Initial gate logit beta of every head; output = sigmoid(beta) * A_mem +
+    (1 - sigmoid(beta)) * A_local. 0.0 mixes both paths half and half. Must be finite with
+    |gate_init| <= 10 (a saturated sigmoid stops the gradient of one path)."""
+
+    checkpoint_segments: int = 0
+    """Activation checkpointing inside the op: 0 keeps all activations; k > 0 recomputes them
+    in backward in blocks of k segments, keeping only the memory state between blocks."""
+
+    memory_enabled: bool = True
+    """False turns the memory off (ablation): attention is causal softmax attention within each
+    segment only, and the layers hold no gate parameter."""
+
+    attention_dropout: float = 0.0
+    """Overrides Megatron's default 0.1: the fused op has no dropout on attention
+    probabilities, so this must be 0.0."""
+
+    def __post_init__(self) -> None:
+        self._validate_infini_fields()
+        self._validate_parallelism()
+        super().__post_init__()
+        # Checks that need Megatron's resolved defaults (num_query_groups, kv_channels).
+        tp = self.tensor_model_parallel_size
+        if self.num_query_groups % tp != 0:
+            raise ValueError(
+                f"num_query_groups ({self.num_query_groups}) must be a multiple of "
+                f"tensor_model_parallel_size ({tp}): each tensor-parallel rank keeps the memory "
+                "(M, z) of its own key/value heads, so they cannot be split or replicated"
+            )
+
+    def _validate_infini_fields(self) -> None:
+        n = self.segment_length
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"segment_length must be an integer >= 1, got {n!r}")
+        if self.memory_update not in UPDATE_RULES:
+            raise ValueError(f"memory_update must be one of {UPDATE_RULES}, got {self.memory_update!r}")
+        g = self.gate_init
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or abs(g) > GATE_INIT_LIMIT:
+            raise ValueError(
+                f"gate_init must be a finite number in [-{GATE_INIT_LIMIT}, {GATE_INIT_LIMIT}] "
+                f"(sigmoid saturates beyond), got {g!r}"
+            )
+        c = self.checkpoint_segments
+        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+            raise ValueError(f"checkpoint_segments must be an integer >= 0, got {c!r}")
+        if not isinstance(self.memory_enabled, bool):
+            raise ValueError(f"memory_enabled must be True or False, got {self.memory_enabled!r}")
+        if self.attention_dropout != 0.0:
+            raise ValueError(
+                f"attention_dropout must be 0.0 for Infini-attention (the op has no attention "
+                f"dropout), got {self.attention_dropout!r}"
+            )
+        unsupported = {
+            "attention_output_gate": self.attention_output_gate,
+            "multi_latent_attention": self.multi_latent_attention,
+            "window_size": self.window_size is not None,
+            "softmax_type": self.softmax_type != "vanilla",
+        }
+        bad = [name for name, on in unsupported.items() if on]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: not supported with Infini-attention; leave at the default")
+
+    def _validate_parallelism(self) -> None:
+        tp = self.tensor_model_parallel_size
+        if self.pipeline_model_parallel_size != 1 or self.virtual_pipeline_model_parallel_size is not None:
+            raise ValueError(
+                f"pipeline_model_parallel_size ({self.pipeline_model_parallel_size}) and "
+                f"virtual_pipeline_model_parallel_size ({self.virtual_pipeline_model_parallel_size}): "
+                "pipeline parallelism is not supported by megatron-infini yet; use 1 and None"
+            )
+        if self.context_parallel_size != 1:
+            raise ValueError(
+                f"context_parallel_size ({self.context_parallel_size}): context parallelism is not "
+                "yet supported by megatron-infini (the memory needs contiguous chunks in order); use 1"
+            )
+        if self.num_attention_heads % tp != 0:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"tensor_model_parallel_size ({tp})"
+            )
+        if self.num_query_groups is not None and self.num_query_groups % tp != 0:
+            raise ValueError(
+                f"num_query_groups ({self.num_query_groups}) must be a multiple of "
+                f"tensor_model_parallel_size ({tp})"
+            )
+
+
+#: The Llama-style choices: RMSNorm, SwiGLU MLP, no biases, no dropout.
+LLAMA_DEFAULTS: dict = dict(
+    normalization="RMSNorm",
+    gated_linear_unit=True,
+    activation_func=F.silu,
+    add_bias_linear=False,
+    hidden_dropout=0.0,
+    layernorm_epsilon=1e-5,
+)
+
+
+def llama_config(**fields: Any) -> InfiniTransformerConfig:
+    """An `InfiniTransformerConfig` with the Llama-style defaults (`LLAMA_DEFAULTS`); any field
+    given here overrides them (e.g. normalization="LayerNorm", activation_func=F.gelu,
+    gated_linear_unit=False for a GPT-2-style model)."""
+    return InfiniTransformerConfig(**{**LLAMA_DEFAULTS, **fields})

@@ -1,0 +1,233 @@
+"""Infini-attention as a Megatron-core self-attention.
+
+Layout (Megatron's, so its tensor parallelism applies unchanged):
+    linear_qkv (column-parallel) -> InfiniCoreAttention (this rank's heads) -> linear_proj
+    (row-parallel). Each tensor-parallel rank holds the gates of its query heads and the
+    memory (M, z) of its key/value heads.
+
+Shape legend (Megatron, sequence first):
+    s sequence, b batch, h hidden, np / ng query heads / key-value groups on this rank,
+    hn head dim (kv_channels), N segment length.
+    hidden_states [s, b, h]; query [s, b, np, hn]; key, value [s, b, ng, hn];
+    memory M [b, ng, hn, hn] float32, z [b, ng, hn] float32; output [s, b, h].
+
+Positions: the memory reads q/k *before* RoPE; the local (in-segment) softmax attention reads
+q/k rotated with in-segment positions 0..N-1 (INFINI.md), so no position beyond N is ever
+seen, whatever the input length, and a stream cut at segment boundaries sees the same
+positions as one long call.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+)
+from megatron.core.utils import divide, get_pg_size
+
+from megatron_infini.compat import ensure_cpu_compat, param_device
+from megatron_infini.ops import infini_attention, local_attention
+
+Memory = Tuple[torch.Tensor, torch.Tensor]
+
+_REQUIRED_FIELDS = ("segment_length", "memory_update", "gate_init", "checkpoint_segments", "memory_enabled")
+
+
+class InfiniCoreAttention(MegatronModule):
+    """Core attention (Megatron's `core_attention` slot): the op over this rank's heads.
+
+    Holds the per-head gate logits `gate` [np] (a tensor-parallel parameter split along heads;
+    absent when `config.memory_enabled` is False) and, while memory carry is on, the memory
+    (M, z) left by the previous forward call (see `megatron_infini.streaming`).
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str = "self",
+        cp_comm_type: Optional[str] = None,
+        softmax_scale: Optional[float] = None,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+    ):
+        super().__init__(config=config)
+        missing = [f for f in _REQUIRED_FIELDS if not hasattr(config, f)]
+        if missing:
+            raise ValueError(f"InfiniCoreAttention needs an InfiniTransformerConfig; config lacks {missing}")
+        if attention_type != "self":
+            raise ValueError(f"attention_type must be 'self' for Infini-attention, got {attention_type!r}")
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
+        self.tp_group = pg_collection.tp
+        self.layer_number = layer_number
+        tp = get_pg_size(self.tp_group)
+        self.num_heads_per_partition = divide(config.num_attention_heads, tp)
+        self.num_groups_per_partition = divide(config.num_query_groups, tp)
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+
+        if config.memory_enabled:
+            self.gate = torch.nn.Parameter(
+                torch.full((self.num_heads_per_partition,), float(config.gate_init),
+                           dtype=config.params_dtype, device=param_device(config))
+            )  # [np]
+            set_tensor_model_parallel_attributes(self.gate, is_parallel=True, dim=0, stride=1)
+            self.gate.infini_gate = True  # for optimizer groups: own lr, no weight decay (INFINI.md)
+        else:
+            self.gate = None
+        self.carry_memory = False
+        self.memory: Optional[Memory] = None
+        self.last_memory_stats: Optional[torch.Tensor] = None
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params=None,
+        *,
+        q_local: Optional[torch.Tensor] = None,
+        k_local: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """query [s, b, np, hn], key / value [s, b, ng, hn] (no RoPE), q_local / k_local the
+        same with in-segment RoPE -> [s, b, np * hn]. The mask is not read: attention is causal
+        by construction (the spec declares `AttnMaskType.causal`)."""
+        if attention_bias is not None or packed_seq_params is not None:
+            raise NotImplementedError("Infini-attention supports neither attention_bias nor packed sequences")
+        cfg = self.config
+        s, b = query.shape[:2]
+        if self.gate is None:
+            out = local_attention(
+                query if q_local is None else q_local, key if k_local is None else k_local, value,
+                cfg.segment_length, self.softmax_scale,
+            )  # [s, b, np, hn]
+        else:
+            memory = self.memory if self.carry_memory else None
+            if memory is not None and memory[0].shape[0] != b:
+                raise ValueError(
+                    f"carried memory has batch size {memory[0].shape[0]} but the input has {b}; "
+                    "call megatron_infini.streaming.reset_memory(model) between documents"
+                )
+            out, memory = infini_attention(
+                query, key, value, self.gate,
+                segment_length=cfg.segment_length, update=cfg.memory_update, memory=memory,
+                q_local=q_local, k_local=k_local, softmax_scale=self.softmax_scale,
+                checkpoint_segments=cfg.checkpoint_segments,
+            )  # out [s, b, np, hn]
+            if self.carry_memory:
+                # Kept without graph: gradients never cross a forward call.
+                self.memory = (memory[0].detach(), memory[1].detach())
+            with torch.no_grad():  # for metrics: sum of M^2, sum of z, count of z (reduced over TP by the reader)
+                M, z = memory
+                self.last_memory_stats = torch.stack(
+                    [M.square().sum(), z.sum(), torch.tensor(float(z.numel()), device=z.device)])
+        return out.reshape(s, b, -1)  # [s, b, np * hn]
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata: Optional[dict] = None):
+        """The gate is split along heads (axis 0) across tensor-parallel ranks."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        state_dict = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(
+            state_dict, prefix, {"gate": 0}, sharded_offsets,
+            tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
+        )
+
+
+def in_segment_rope(freqs: torch.Tensor, s: int, segment_length: int) -> torch.Tensor:
+    """RoPE angles for in-segment positions (t mod N) of t = 0..s-1.
+
+    freqs: Megatron's rotary_pos_emb [S, 1, 1, d] for positions 0..S-1, S >= min(N, s).
+    Returns [s, 1, 1, d]: rows 0..N-1 repeated.
+    """
+    n = min(segment_length, s)
+    if freqs.shape[0] < n:
+        raise ValueError(f"rotary_pos_emb has {freqs.shape[0]} positions, need at least {n}")
+    reps = -(-s // n)
+    return freqs[:n].repeat(reps, *([1] * (freqs.dim() - 1)))[:s]  # [s, 1, 1, d]
+
+
+class InfiniSelfAttention(SelfAttention):
+    """Megatron `SelfAttention` whose core attention is `InfiniCoreAttention`.
+
+    Same constructor as Megatron's; forward keeps Megatron's signature but supports only the
+    training / full-sequence path (no KV-cache inference context, no packed sequences). For
+    streaming inference keep the memory between calls instead (`megatron_infini.streaming`).
+    Megatron's selective "core_attn" recompute does not apply; `config.checkpoint_segments`
+    bounds the activation memory of the op instead.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: SelfAttentionSubmodules,
+        layer_number: int,
+        attn_mask_type: AttnMaskType = AttnMaskType.causal,
+        cp_comm_type: Optional[str] = None,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+        **unused,
+    ):
+        ensure_cpu_compat()
+        if attn_mask_type != AttnMaskType.causal:
+            raise ValueError(f"attn_mask_type must be AttnMaskType.causal for Infini-attention, got {attn_mask_type}")
+        super().__init__(
+            config=config, submodules=submodules, layer_number=layer_number,
+            attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type, pg_collection=pg_collection,
+        )
+        if not isinstance(self.core_attention, InfiniCoreAttention):
+            raise ValueError("submodules.core_attention must be InfiniCoreAttention")
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        key_value_states=None,
+        inference_context=None,
+        rotary_pos_emb=None,
+        rotary_pos_cos=None,
+        rotary_pos_sin=None,
+        rotary_pos_cos_sin=None,
+        attention_bias=None,
+        packed_seq_params=None,
+        sequence_len_offset=None,
+        *,
+        inference_params=None,
+    ):
+        """hidden_states [s, b, h] -> (output [s, b, h], bias [h] or None)."""
+        if inference_context is not None or inference_params is not None or packed_seq_params is not None:
+            raise NotImplementedError(
+                "InfiniSelfAttention has no KV-cache inference or packed sequences; for streaming, "
+                "use megatron_infini.streaming.set_memory_carry(model, True)"
+            )
+        if key_value_states is not None:
+            raise ValueError("InfiniSelfAttention is self-attention: key_value_states must be None")
+        if self.config.no_rope_freq and self.config.no_rope_freq[self.layer_number - 1]:
+            rotary_pos_emb = None
+
+        query, key, value = self.get_query_key_value_tensors(hidden_states)  # [s, b, np|ng, hn]
+        q_local, k_local = query, key
+        if rotary_pos_emb is not None:
+            q_freqs, k_freqs = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
+            s, n = query.shape[0], self.config.segment_length
+            rope = dict(config=self.config, cp_group=self.pg_collection.cp)
+            q_local = apply_rotary_pos_emb(query, in_segment_rope(q_freqs, s, n), **rope)
+            k_local = apply_rotary_pos_emb(key, in_segment_rope(k_freqs, s, n), **rope)
+
+        core = self.core_attention(
+            query, key, value, attention_mask, attn_mask_type=self.attn_mask_type,
+            attention_bias=attention_bias, packed_seq_params=None, q_local=q_local, k_local=k_local,
+        )  # [s, b, np * hn]
+        return self.linear_proj(core)
