@@ -15,3 +15,6 @@ EXIT_FAILURE = 1
 EXIT_CONFIG_ERROR = 2
 EXIT_REQUEUE = 75  # EX_TEMPFAIL in sysexits.h: "try again later"
 STOP_FILE = "STOP"
+#: Written by rank 0 next to the checkpoint before exiting with EXIT_REQUEUE: torchrun reports
+#: any failed worker as exit 1, so launchers read this file rather than the exit code.
+REQUEUE_FILE = "REQUEUE"

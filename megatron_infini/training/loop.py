@@ -205,8 +205,15 @@ class Trainer:
                 logger.log(self.step, metrics)
                 if stop.check():
                     self.save(logger)
-                    stop.clear()
                     logger.event("stop", step=self.step, reason=stop.reason or "another rank")
+                    logger.close()
+                    if self.rank == 0:
+                        with open(os.path.join(cfg.run_dir, exit_codes.REQUEUE_FILE), "w") as fh:
+                            fh.write(f"step {self.step}: {stop.reason or 'stop requested'}\n")
+                    stop.clear()
+                    # nobody exits before everyone has saved and flushed: torchrun terminates
+                    # the other workers as soon as one exits non-zero
+                    dist.barrier()
                     return exit_codes.EXIT_REQUEUE
                 interval = cfg.checkpoint.save_interval
                 if interval and self.step % interval == 0 and self.step < cfg.train.steps:
@@ -215,6 +222,8 @@ class Trainer:
             if saved_at != self.step or not self.ckpt.candidates("auto"):
                 self.save(logger)
             logger.event("done", step=self.step)
+            if self.rank == 0 and os.path.exists(os.path.join(cfg.run_dir, exit_codes.REQUEUE_FILE)):
+                os.remove(os.path.join(cfg.run_dir, exit_codes.REQUEUE_FILE))
             return exit_codes.EXIT_OK
         finally:
             logger.close()

@@ -1,0 +1,54 @@
+"""Run the real trainer in subprocesses (torchrun for several ranks), read what it wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import List
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEBUG_CONFIG = os.path.join(REPO, "configs", "debug.yaml")
+
+
+@dataclass
+class Run:
+    returncode: int
+    output: str
+    run_dir: str
+
+    @property
+    def steps(self) -> List[dict]:
+        return read_metrics(self.run_dir)
+
+    @property
+    def losses(self) -> List[float]:
+        return [r["loss"] for r in self.steps]
+
+
+def read_metrics(run_dir: str) -> List[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        records = [json.loads(line) for line in fh if line.strip()]
+    return [r for r in records if r.get("kind") != "event"]
+
+
+def train(run_dir, *overrides, nproc: int = 2, config: str = DEBUG_CONFIG, timeout: float = 300,
+          env: dict = None) -> Run:
+    """`torchrun --nproc-per-node nproc -m megatron_infini.train` (plain python for nproc=0)."""
+    if nproc:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                    "--standalone", "-m", "megatron_infini.train"]
+    else:
+        launcher = [sys.executable, "-m", "megatron_infini.train"]
+    cmd = launcher + ["--config", config, f"run_dir={run_dir}", "logging.progress_bar=false", *overrides]
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE=os.environ.get("WANDB_MODE", "disabled"),
+                    PYTHONWARNINGS="ignore")
+    full_env.update(env or {})
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=timeout)
+    return Run(proc.returncode, proc.stdout, str(run_dir))
