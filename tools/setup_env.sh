@@ -24,7 +24,7 @@ stamp="$VENV/.megatron_infini_installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "[setup] installing megatron-infini and its dependencies" >&2
     "${PIP[@]}" install -e ".[test]" 2>&1 | grep -v "^WARNING: Location" >&2 || true
-    "$VENV/bin/python" -c "import megatron_infini, megatron.core, deepspeed, sentencepiece" \
+    "$VENV/bin/python" -c "import megatron_infini, megatron.core, deepspeed, sentencepiece" >&2 2>/dev/null \
         || { echo "[setup] install failed" >&2; exit 1; }
     touch "$stamp"
 fi

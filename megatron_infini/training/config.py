@@ -210,6 +210,8 @@ class CheckpointConfig:
 
     save_interval: int = 0
     """Save every this many steps (and at the end); 0 = only at the end and on stop requests."""
+    save_at_end: bool = True
+    """Save when the planned steps are done (benchmarks turn this off)."""
     keep_last: int = 3
     """Keep the newest this many checkpoints; 0 keeps all."""
     resume: str = "auto"
@@ -357,6 +359,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key} must be a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

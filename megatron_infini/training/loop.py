@@ -219,7 +219,7 @@ class Trainer:
                 if interval and self.step % interval == 0 and self.step < cfg.train.steps:
                     self.save(logger)
                     saved_at = self.step
-            if saved_at != self.step or not self.ckpt.candidates("auto"):
+            if cfg.checkpoint.save_at_end and (saved_at != self.step or not self.ckpt.candidates("auto")):
                 self.save(logger)
             logger.event("done", step=self.step)
             if self.rank == 0 and os.path.exists(os.path.join(cfg.run_dir, exit_codes.REQUEUE_FILE)):
