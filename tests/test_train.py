@@ -29,7 +29,8 @@ def test_debug_run_learns_and_logs(tmp_path):
     first, last = steps[0]["loss"], sum(r["loss"] for r in steps[-3:]) / 3
     assert last < first - 1.0, f"loss did not fall: {first:.3f} -> {last:.3f}"
     for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "consumed_tokens",
-                "peak_mem_gb", "gate/mean", "gate/below_0.1", "gate/above_0.9", "gate/layer1/mean"):
+                "peak_mem_gb", "gate/mean", "gate/below_0.1", "gate/above_0.9", "gate/layer1/mean",
+                "memory/layer1/M_norm", "memory/layer2/z_mean"):
         assert key in steps[-1], key
     assert steps[-1]["consumed_tokens"] == 30 * 8 * 256
     assert "val_loss" in steps[14] and "val_loss" in steps[29]
@@ -41,7 +42,10 @@ def test_debug_run_learns_and_logs(tmp_path):
     assert saved["train"]["steps"] == 30 and saved["logging"]["wandb_mode"] == "offline"
     # offline W&B run directory with the same id the run directory records
     run_id = open(os.path.join(run.run_dir, "wandb_id")).read().strip()
-    assert glob.glob(os.path.join(run.run_dir, "wandb", f"offline-run-*-{run_id}", f"run-{run_id}.wandb"))
+    (record_file,) = glob.glob(os.path.join(run.run_dir, "wandb", f"offline-run-*-{run_id}", f"run-{run_id}.wandb"))
+    records = open(record_file, "rb").read()  # protobuf records: history keys are stored as plain strings
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "consumed_tokens", "gate/mean", "val_loss"):
+        assert key.encode() in records, f"{key} not logged to W&B"
     # a final checkpoint is there
     assert os.path.isdir(os.path.join(run.run_dir, "checkpoints", "iter_0000030"))
 

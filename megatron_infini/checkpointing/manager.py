@@ -5,12 +5,22 @@ One checkpoint, `checkpoints/iter_NNNNNNN/`:
     deepspeed/      DeepSpeed engine state: optimizer sharded by ZeRO (its module copy is not
                     used when the tensor-parallel size changed)
     trainer/rank_RRRRR.pt   step, tokens, data position, RNG states of that rank
-    meta.json       step, parallel sizes, wandb id, config digest
+    config.yaml     the run's resolved config (what tools/convert_checkpoint.py builds from)
+    meta.json       step, consumed tokens, parallel sizes, vocabulary size, wandb id
     manifest.json   every file with size and checksum (written last)
+
+The learning-rate schedule is a pure function of the step (training/schedule.py), so the step
+is all of it that needs saving. Loading reads only the files the manifest lists, with
+`torch.load(weights_only=True)` for ours; the pickles inside model/common.pt and deepspeed/
+are what the Megatron and DeepSpeed formats require.
 
 Publishing is atomic: everything goes into `iter_NNNNNNN.tmp/`, the manifest is written, the
 directory is renamed, and only then is `latest_checkpointed_iteration.txt` updated. A crash at
 any point leaves the previous checkpoint as the latest complete one.
+
+Test hook: MEGATRON_INFINI_TEST_CRASH_AFTER=model|deepspeed|manifest makes rank 0 kill itself
+with SIGKILL right after that phase of a save (before the rename), so tests can check that a
+save cut short never looks complete.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 from typing import Callable, List, Optional
 
@@ -30,6 +41,16 @@ from . import rng
 
 TRACKER = "latest_checkpointed_iteration.txt"
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
+
+
+CRASH_HOOK = "MEGATRON_INFINI_TEST_CRASH_AFTER"
+
+
+def _crash_point(phase: str) -> None:
+    """Test hook (see the module docstring): die like a preempted node, mid-save."""
+    if os.environ.get(CRASH_HOOK) == phase and _rank() == 0:
+        print(f"[checkpoint] {CRASH_HOOK}={phase}: killing rank 0 mid-save", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def iter_dir(root: str, step: int) -> str:
@@ -101,6 +122,24 @@ def resolve_checkpoint(path: str) -> str:
                             "checkpoints/ directory, or an iter_NNNNNNN directory)")
 
 
+def dist_save(sharded: dict, path: str) -> None:
+    """`dist_checkpointing.save`, synchronous, without Megatron's helper process.
+
+    Megatron passes the write results of a save through a queue it creates on first use with a
+    spawn-context multiprocessing Manager: a fresh interpreter (seconds per process), and one
+    that outlives a rank killed mid-save. A synchronous save uses that queue only inside this
+    process, so an in-process queue does the same job.
+    """
+    import queue
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", False) is None:  # not created yet
+        filesystem_async._results_queue = queue.Queue()
+    dist_checkpointing.save(sharded, path)
+
+
 class CheckpointManager:
     """Owns run_dir/checkpoints: atomic save, verified resume, keep-last-K pruning.
 
@@ -116,6 +155,8 @@ class CheckpointManager:
         self.keep_last, self.tp_size = keep_last, tp_size
         self.memory_in_checkpoint = memory_in_checkpoint
         self.loaded_step: Optional[int] = None
+        self.saved_steps: List[int] = []
+        self.fresh_optimizer_at: Optional[int] = None  # step where a layout change reset the optimizer
 
     # ------------------------------------------------------------------ save
 
@@ -131,16 +172,16 @@ class CheckpointManager:
         _barrier()
 
         self._save_model(os.path.join(tmp, "model"))
+        _crash_point("model")
         self.engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="state", save_latest=False)
+        _crash_point("deepspeed")
         torch.save(trainer_state, os.path.join(tmp, "trainer", f"rank_{_rank():05d}.pt"))
         if _rank() == 0:
-            world = dist.get_world_size() if dist.is_initialized() else 1
-            full_meta = dict(meta, step=step, world_size=world, tensor_model_parallel_size=self.tp_size)
-            with open(os.path.join(tmp, "meta.json"), "w") as fh:
-                json.dump(full_meta, fh, indent=1)
+            self._write_meta(tmp, step, meta)
         _barrier()
         mf.write_manifest(tmp, {"step": step})
         _barrier()
+        _crash_point("manifest")
         if _rank() == 0:
             if os.path.exists(final):  # re-saving the same step (e.g. after a resume)
                 shutil.rmtree(final)
@@ -150,14 +191,24 @@ class CheckpointManager:
         _barrier()
         return final
 
-    def _save_model(self, path: str) -> None:
-        from megatron.core import dist_checkpointing
+    def _write_meta(self, tmp: str, step: int, meta: dict) -> None:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        full = dict(meta, step=step, world_size=world, tensor_model_parallel_size=self.tp_size,
+                    vocab_size=getattr(self.model, "vocab_size", None),
+                    zero_stage=getattr(self.engine, "zero_optimization_stage", lambda: None)())
+        if self.fresh_optimizer_at is not None:
+            full["fresh_optimizer_at_step"] = self.fresh_optimizer_at
+        with open(os.path.join(tmp, "meta.json"), "w") as fh:
+            json.dump(full, fh, indent=1)
+        run_config = os.path.join(os.path.dirname(self.root), "config.yaml")
+        if os.path.isfile(run_config):  # written by the trainer at start, after resolving
+            shutil.copyfile(run_config, os.path.join(tmp, "config.yaml"))
 
+    def _save_model(self, path: str) -> None:
         os.makedirs(path, exist_ok=True) if _rank() == 0 else None
         _barrier()
         with self._gathered():
-            sharded = self._sharded_state()
-            dist_checkpointing.save(sharded, path)
+            dist_save(self._sharded_state(), path)
 
     def _sharded_state(self) -> dict:
         sharded = self.model.sharded_state_dict()
@@ -180,10 +231,12 @@ class CheckpointManager:
     def _prune(self, newest: int) -> None:
         if self.keep_last <= 0:
             return
+        self.saved_steps.append(newest)
         keep = set(complete_checkpoints(self.root)[: self.keep_last]) | {newest}
-        if self.loaded_step is not None and self.loaded_step not in keep:
-            # the checkpoint we resumed from stays until K newer ones exist
-            if len([s for s in keep if s > self.loaded_step]) < self.keep_last:
+        if self.loaded_step is not None:
+            # the checkpoint we resumed from stays until this run has published K newer ones
+            # (newer directories from before the resume may be the corrupt ones we skipped)
+            if len([s for s in self.saved_steps if s > self.loaded_step]) < self.keep_last:
                 keep.add(self.loaded_step)
         for step in complete_checkpoints(self.root):
             if step not in keep:
@@ -227,12 +280,23 @@ class CheckpointManager:
         with open(os.path.join(path, "meta.json")) as fh:
             meta = json.load(fh)
         world = dist.get_world_size() if dist.is_initialized() else 1
-        same_layout = meta["tensor_model_parallel_size"] == self.tp_size and meta["world_size"] == world
+        weights_only = bool(meta.get("weights_only"))  # imported by tools/convert_checkpoint.py
+        same_layout = (not weights_only and meta["tensor_model_parallel_size"] == self.tp_size
+                       and meta["world_size"] == world)
+        zero3 = getattr(self.engine, "zero_optimization_stage", lambda: 0)() == 3
         if same_layout:
             self.engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="state",
                                         load_optimizer_states=True, load_lr_scheduler_states=False)
+        elif zero3:
+            raise ValueError(
+                f"checkpoint {path}: loading weights only or changing the parallel layout is not supported "
+                f"with ZeRO-3 (saved: TP {meta['tensor_model_parallel_size']} x {meta['world_size']} ranks, "
+                f"now TP {self.tp_size} x {world}); resume with deepspeed.zero_stage 1 or 2"
+            )
+        elif weights_only:
+            _info(f"{path} holds model weights only: starting at step 0 with a new optimizer state")
         elif not allow_fresh_optimizer:
-            raise RuntimeError(
+            raise ValueError(
                 f"checkpoint {path} was written with tensor_model_parallel_size="
                 f"{meta['tensor_model_parallel_size']} on {meta['world_size']} ranks; this run has "
                 f"{self.tp_size} on {world}. The model weights reshard, the optimizer state does not: "
@@ -241,11 +305,13 @@ class CheckpointManager:
         else:
             _warn(
                 f"parallel layout changed (TP {meta['tensor_model_parallel_size']} x {meta['world_size']} ranks "
-                f"-> TP {self.tp_size} x {world}): model weights are resharded, the OPTIMIZER STATE IS NEW"
+                f"-> TP {self.tp_size} x {world}): model weights are resharded, the OPTIMIZER STATE IS NEW "
+                "(Adam moments restart from zero; checkpoint.allow_fresh_optimizer=true)"
             )
+            self.fresh_optimizer_at = int(meta["step"])
         # Model weights from the reshardable copy (authoritative, and the only one usable when
         # the tensor-parallel size changed).
-        if not (same_layout and getattr(self.engine, "zero_optimization_stage", lambda: 0)() == 3):
+        if not (same_layout and zero3):
             sharded = self._sharded_state()
             state = dist_checkpointing.load(sharded, os.path.join(path, "model"))
             memory = {k: v for k, v in state.items() if k.startswith("infini_memory.")}
@@ -255,13 +321,22 @@ class CheckpointManager:
                 from megatron_infini.streaming import load_memory_state_dict
 
                 load_memory_state_dict(self.model, memory)
+            if not same_layout:  # (or weights only)
+                # ZeRO keeps its own fp32 copy of the weights: copy the loaded ones into it, or
+                # the first step would write the initial weights back.
+                refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
+                if refresh is not None:
+                    refresh()
+        self.loaded_step = meta["step"]
+        if weights_only:
+            return {"trainer": {"step": 0, "consumed_tokens": 0, "data": {"consumed_samples": 0}},
+                    "meta": meta, "path": path}
         rank_file = os.path.join(path, "trainer", f"rank_{_rank():05d}.pt")
         if not same_layout or not os.path.isfile(rank_file):
             rank_file = os.path.join(path, "trainer", "rank_00000.pt")
         trainer_state = torch.load(rank_file, weights_only=True, map_location="cpu")
         if not same_layout:
             trainer_state.pop("rng", None)  # per-rank RNG streams do not map onto a new layout
-        self.loaded_step = meta["step"]
         _info(f"resumed from {path} (step {meta['step']})")
         return {"trainer": trainer_state, "meta": meta, "path": path}
 
