@@ -7,4 +7,6 @@ cd "$(dirname "$0")/.."
 bash tools/install_slurm.sh
 PYTHON=$(bash tools/setup_env.sh)
 export WANDB_MODE=${WANDB_MODE:-disabled}
+# DeepSpeed JIT-builds a small CPU op once; keep the build cache with this venv
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
 exec "$PYTHON" -m pytest -q -rs --durations=20 "$@"
