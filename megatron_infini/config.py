@@ -103,11 +103,23 @@ class InfiniTransformerConfig(TransformerConfig):
                 f"virtual_pipeline_model_parallel_size ({self.virtual_pipeline_model_parallel_size}): "
                 "pipeline parallelism is not supported by megatron-infini yet; use 1 and None"
             )
-        if self.context_parallel_size != 1:
-            raise ValueError(
-                f"context_parallel_size ({self.context_parallel_size}): context parallelism is not "
-                "yet supported by megatron-infini (the memory needs contiguous chunks in order); use 1"
-            )
+        cp = self.context_parallel_size
+        if isinstance(cp, bool) or not isinstance(cp, int) or cp < 1:
+            raise ValueError(f"context_parallel_size must be an integer >= 1, got {cp!r}")
+        if cp > 1:
+            # Each context-parallel rank holds a contiguous block of whole segments and receives
+            # the memory of the ranks before it (megatron_infini.parallel), not their keys/values.
+            if self.cp_comm_type is not None:
+                raise ValueError(
+                    f"cp_comm_type ({self.cp_comm_type!r}): Infini-attention does not exchange keys and "
+                    "values across context-parallel ranks (it relays the memory); leave cp_comm_type None"
+                )
+            if self.memory_update == "delta" and self.recompute_granularity == "full":
+                raise ValueError(
+                    "recompute_granularity='full' with context_parallel_size > 1 and memory_update='delta': "
+                    "the recomputed forward would relay the memory again during backward and deadlock; "
+                    "use checkpoint_segments to bound activation memory instead"
+                )
         if self.num_attention_heads % tp != 0:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "

@@ -40,7 +40,10 @@ def test_defaults_and_llama_config():
         (dict(tensor_model_parallel_size=3), ["num_attention_heads", "tensor_model_parallel_size"]),
         (dict(tensor_model_parallel_size=4), ["num_query_groups", "tensor_model_parallel_size"]),
         (dict(pipeline_model_parallel_size=2), ["pipeline_model_parallel_size"]),
-        (dict(context_parallel_size=2), ["context_parallel_size"]),
+        (dict(context_parallel_size=0), ["context_parallel_size"]),
+        (dict(context_parallel_size=2, cp_comm_type="p2p"), ["cp_comm_type"]),
+        (dict(context_parallel_size=2, memory_update="delta", recompute_granularity="full",
+              recompute_method="uniform", recompute_num_layers=1), ["recompute_granularity", "checkpoint_segments"]),
         (dict(attention_output_gate=True), ["attention_output_gate"]),
     ],
 )

@@ -71,6 +71,8 @@ class InfiniCoreAttention(MegatronModule):
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
         self.tp_group = pg_collection.tp
+        self.cp_group = pg_collection.cp
+        self.cp_size = get_pg_size(self.cp_group)
         self.layer_number = layer_number
         tp = get_pg_size(self.tp_group)
         self.num_heads_per_partition = divide(config.num_attention_heads, tp)
@@ -89,6 +91,13 @@ class InfiniCoreAttention(MegatronModule):
         self.carry_memory = False
         self.memory: Optional[Memory] = None
         self.last_memory_stats: Optional[torch.Tensor] = None
+        # Context parallelism: this rank holds a contiguous block of whole segments and gets
+        # its initial memory from the ranks before it (megatron_infini.parallel).
+        self.cp_relay = None
+        if self.cp_size > 1 and config.memory_enabled:
+            from megatron_infini.parallel.context_parallel import MemoryRelay
+
+            self.cp_relay = MemoryRelay(self.cp_group, tag=layer_number)
 
     def forward(
         self,
@@ -110,6 +119,8 @@ class InfiniCoreAttention(MegatronModule):
             raise NotImplementedError("Infini-attention supports neither attention_bias nor packed sequences")
         cfg = self.config
         s, b = query.shape[:2]
+        if self.cp_size > 1:
+            self._check_context_parallel(s)
         if self.gate is None:
             out = local_attention(
                 query if q_local is None else q_local, key if k_local is None else k_local, value,
@@ -122,12 +133,14 @@ class InfiniCoreAttention(MegatronModule):
                     f"carried memory has batch size {memory[0].shape[0]} but the input has {b}; "
                     "call megatron_infini.streaming.reset_memory(model) between documents"
                 )
-            out, memory = infini_attention(
-                query, key, value, self.gate,
-                segment_length=cfg.segment_length, update=cfg.memory_update, memory=memory,
-                q_local=q_local, k_local=k_local, softmax_scale=self.softmax_scale,
-                checkpoint_segments=cfg.checkpoint_segments,
-            )  # out [s, b, np, hn]
+            op = dict(segment_length=cfg.segment_length, update=cfg.memory_update, q_local=q_local,
+                      k_local=k_local, softmax_scale=self.softmax_scale,
+                      checkpoint_segments=cfg.checkpoint_segments)
+            if self.cp_relay is not None:  # initial memory from the context-parallel ranks before this one
+                out, memory = self.cp_relay.attention(query, key, value, self.gate, **op)
+            else:
+                out, memory = infini_attention(query, key, value, self.gate, memory=memory, **op)
+            # out [s, b, np, hn]
             if self.carry_memory:
                 # Kept without graph: gradients never cross a forward call.
                 self.memory = (memory[0].detach(), memory[1].detach())
@@ -136,6 +149,19 @@ class InfiniCoreAttention(MegatronModule):
                 self.last_memory_stats = torch.stack(
                     [M.square().sum(), z.sum(), torch.tensor(float(z.numel()), device=z.device)])
         return out.reshape(s, b, -1)  # [s, b, np * hn]
+
+    def _check_context_parallel(self, s: int) -> None:
+        n = self.config.segment_length
+        if self.carry_memory:
+            raise ValueError(
+                f"memory carry (megatron_infini.streaming) is not supported with context_parallel_size "
+                f"{self.cp_size} > 1: the last context-parallel rank holds the final memory; stream with "
+                "context_parallel_size 1")
+        if s % n:
+            raise ValueError(
+                f"context-parallel rank holds {s} tokens, not a multiple of segment_length {n}: each of the "
+                f"{self.cp_size} context-parallel ranks must hold whole segments, so the sequence length "
+                f"must be a multiple of context_parallel_size * segment_length = {self.cp_size * n}")
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata: Optional[dict] = None):
         """The gate is split along heads (axis 0) across tensor-parallel ranks."""
@@ -222,6 +248,12 @@ class InfiniSelfAttention(SelfAttention):
         if rotary_pos_emb is not None:
             q_freqs, k_freqs = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
             s, n = query.shape[0], self.config.segment_length
+            cp = self.config.context_parallel_size
+            if cp > 1 and q_freqs.shape[0] < s * cp:
+                raise ValueError(
+                    "context parallelism: rotary_pos_emb holds Megatron's load-balanced slice of the RoPE "
+                    "table, but Infini layers need the in-segment positions 0..N-1 on every rank; call "
+                    "megatron_infini.parallel.setup_context_parallel(model) after building the GPTModel")
             rope = dict(config=self.config, cp_group=self.pg_collection.cp)
             q_local = apply_rotary_pos_emb(query, in_segment_rope(q_freqs, s, n), **rope)
             k_local = apply_rotary_pos_emb(key, in_segment_rope(k_freqs, s, n), **rope)

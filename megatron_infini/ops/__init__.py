@@ -5,6 +5,7 @@ share one contract; see `fast.infini_attention` for shapes and dtypes.
 """
 
 from ._common import EPS, UPDATE_RULES, empty_memory, sigma
+from .context import infini_attention_deferred, memory_delta
 from .fast import infini_attention, local_attention
 from .naive import infini_attention_naive
 
@@ -13,7 +14,9 @@ __all__ = [
     "UPDATE_RULES",
     "empty_memory",
     "infini_attention",
+    "infini_attention_deferred",
     "infini_attention_naive",
     "local_attention",
+    "memory_delta",
     "sigma",
 ]

@@ -118,14 +118,17 @@ def local_attention(
     return out[:s]
 
 
-def _forward(q, k, v, gate, q_local, k_local, M0, z0, N, update, scale, eps):
+def _forward(q, k, v, gate, q_local, k_local, M0, z0, N, update, scale, eps, a_dot=None):
+    """The op over one block; `a_dot` is the local attention when already computed (see
+    `ops.context.infini_attention_deferred`), else it is computed here."""
     s, b, hq, dk = q.shape
     hkv, dv = v.shape[2], v.shape[3]
     g = hq // hkv
     n = -(-s // N)
     pad = n * N - s
 
-    a_dot = local_attention(q_local, k_local, v, N, scale)  # [s, b, hq, dv]
+    if a_dot is None:
+        a_dot = local_attention(q_local, k_local, v, N, scale)  # [s, b, hq, dv]
 
     # Memory path in float32. Padding is applied after sigma so padded keys add nothing.
     sq = F.pad(sigma(q), (0, 0, 0, 0, 0, 0, 0, pad))  # [n*N, b, hq, dk]
@@ -147,11 +150,12 @@ def _forward(q, k, v, gate, q_local, k_local, M0, z0, N, update, scale, eps):
     else:
         states = []
         M = M0
-        for j in range(n):  # sequential: each update reads the state the previous one left
+        # unbind, not indexing: one backward stack instead of a full-size zero tensor per segment
+        steps = zip(sk.unbind(2), vf.unbind(2), z_prev.unbind(2))  # (b, hkv, N, dk), (b, hkv, N, dv), (b, hkv, dk)
+        for skj, vj, zj in steps:  # sequential: each update reads the state the previous one left
             states.append(M)
-            skj = sk[:, :, j]  # (b, hkv, N, dk)
-            v_old = (skj @ M) / (skj @ z_prev[:, :, j].unsqueeze(-1) + eps)  # (b, hkv, N, dv)
-            M = M + skj.transpose(-1, -2) @ (vf[:, :, j] - v_old)
+            v_old = (skj @ M) / (skj @ zj.unsqueeze(-1) + eps)  # (b, hkv, N, dv)
+            M = M + skj.transpose(-1, -2) @ (vj - v_old)
         M_prev = torch.stack(states, dim=2)  # (b, hkv, n, dk, dv)
         M_last = M
 

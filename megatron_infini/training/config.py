@@ -98,11 +98,15 @@ class ParallelConfig:
     """Ranks that split every layer's heads and MLP."""
     sequence_parallel: bool = False
     """Split norms and dropout along the sequence over the tensor-parallel ranks."""
+    context_parallel_size: int = 1
+    """Ranks that split every sequence into contiguous blocks of whole segments; the Infini memory
+    is handed from rank to rank (megatron_infini.parallel), not the keys and values."""
     timeout_minutes: float = 10.0
     """Collective timeout: a rank that dies makes the others fail after this long, never hang."""
 
     def validate(self, prefix: str = "parallel") -> None:
         _at_least(f"{prefix}.tensor_model_parallel_size", self.tensor_model_parallel_size, 1)
+        _at_least(f"{prefix}.context_parallel_size", self.context_parallel_size, 1)
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ConfigError(f"{prefix}.sequence_parallel needs {prefix}.tensor_model_parallel_size > 1")
 
@@ -277,6 +281,13 @@ class Config:
                 f"train.seq_length ({t.seq_length}) must be a multiple of model.segment_length "
                 f"({m.segment_length}); set train.require_whole_segments=false to allow a short last segment"
             )
+        cp = self.parallel.context_parallel_size
+        if cp > 1 and t.seq_length % (cp * m.segment_length):
+            raise ConfigError(
+                f"train.seq_length ({t.seq_length}) must be a multiple of parallel.context_parallel_size ({cp}) "
+                f"x model.segment_length ({m.segment_length}) = {cp * m.segment_length}: each context-parallel "
+                "rank holds whole segments"
+            )
         tp = self.parallel.tensor_model_parallel_size
         groups = m.num_query_groups or m.num_attention_heads
         if m.num_attention_heads % tp or groups % tp:
@@ -288,12 +299,13 @@ class Config:
 
     def check_world(self, world_size: int) -> int:
         """Validate against the number of ranks; return the data-parallel size."""
-        tp = self.parallel.tensor_model_parallel_size
-        if world_size % tp:
+        tp, cp = self.parallel.tensor_model_parallel_size, self.parallel.context_parallel_size
+        if world_size % (tp * cp):
             raise ConfigError(
-                f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size ({tp})"
+                f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size ({tp}) x "
+                f"parallel.context_parallel_size ({cp})"
             )
-        dp = world_size // tp
+        dp = world_size // (tp * cp)
         t = self.train
         if t.global_batch_size % (t.micro_batch_size * dp):
             raise ConfigError(

@@ -40,7 +40,8 @@ def init_distributed(cfg: Config) -> None:
             backend="nccl" if cuda else "gloo",
             timeout=timedelta(minutes=cfg.parallel.timeout_minutes),
         )
-    ps.initialize_model_parallel(tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size)
+    ps.initialize_model_parallel(tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
+                                 context_parallel_size=cfg.parallel.context_parallel_size)
 
 
 def seed_everything(seed: int) -> None:

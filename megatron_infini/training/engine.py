@@ -27,9 +27,13 @@ class MegatronMPU:
     get_tensor_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
     get_tensor_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
     get_tensor_model_parallel_src_rank = staticmethod(ps.get_tensor_model_parallel_src_rank)
-    get_data_parallel_rank = staticmethod(ps.get_data_parallel_rank)
-    get_data_parallel_world_size = staticmethod(ps.get_data_parallel_world_size)
-    get_data_parallel_group = staticmethod(ps.get_data_parallel_group)
+    # Context-parallel ranks hold replicas of the weights and each computes gradients from its
+    # block of the sequence: DeepSpeed's "data parallel" group is dp x cp (it averages gradients
+    # there, which with a per-rank mean loss over equal blocks gives the whole-sequence mean).
+    get_data_parallel_rank = staticmethod(lambda: ps.get_data_parallel_rank(with_context_parallel=True))
+    get_data_parallel_world_size = staticmethod(
+        lambda: ps.get_data_parallel_world_size(with_context_parallel=True))
+    get_data_parallel_group = staticmethod(lambda: ps.get_data_parallel_group(with_context_parallel=True))
     get_pipeline_model_parallel_rank = staticmethod(ps.get_pipeline_model_parallel_rank)
     get_pipeline_model_parallel_world_size = staticmethod(ps.get_pipeline_model_parallel_world_size)
     get_pipeline_model_parallel_group = staticmethod(ps.get_pipeline_model_parallel_group)
@@ -72,7 +76,8 @@ def use_bf16(cfg: Config) -> bool:
 def deepspeed_config(cfg: Config, dp_size: int) -> Dict[str, Any]:
     t, opt = cfg.train, cfg.optimizer
     ds: Dict[str, Any] = {
-        "train_batch_size": t.global_batch_size,
+        # DeepSpeed counts each context-parallel rank as a data-parallel replica
+        "train_batch_size": t.global_batch_size * cfg.parallel.context_parallel_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * dp_size),
         "gradient_clipping": opt.clip_grad,

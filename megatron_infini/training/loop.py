@@ -146,13 +146,19 @@ class Trainer:
         inputs, labels = tokens[:, :-1], tokens[:, 1:]  # [b, s]
         s = inputs.shape[1]
         position_ids = torch.arange(s, device=self.device).unsqueeze(0).expand_as(inputs)
-        per_token = self.engine(inputs, position_ids, None, labels=labels)  # [b, s]
+        if self.cfg.parallel.context_parallel_size > 1:  # this rank's contiguous block [b, s / cp]
+            from megatron_infini.parallel import split_for_context_parallel
+
+            cp_group, n = ps.get_context_parallel_group(), self.cfg.model.segment_length
+            inputs, labels, position_ids = (split_for_context_parallel(t, 1, cp_group, n)
+                                            for t in (inputs, labels, position_ids))
+        per_token = self.engine(inputs, position_ids, None, labels=labels)  # [b, s / cp]
         return per_token.float().mean()
 
     def _dp_mean(self, value: torch.Tensor) -> float:
         value = value.detach().clone().to(self.device)
-        dist.all_reduce(value, group=ps.get_data_parallel_group())
-        return value.item() / self.dp
+        dist.all_reduce(value, group=ps.get_data_parallel_group(with_context_parallel=True))
+        return value.item() / (self.dp * self.cfg.parallel.context_parallel_size)
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:

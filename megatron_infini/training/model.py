@@ -51,6 +51,7 @@ def transformer_config(cfg: Config, bf16: bool):
         layernorm_epsilon=1e-5,
         init_method_std=m.init_method_std,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
+        context_parallel_size=p.context_parallel_size,
         sequence_parallel=p.sequence_parallel,
         use_cpu_initialization=not torch.cuda.is_available(),
         bf16=bf16,
@@ -75,6 +76,10 @@ def build_model(cfg: Config, vocab_size: int, bf16: bool = False):
         rotary_base=cfg.model.rotary_base,
         share_embeddings_and_output_weights=not cfg.model.untie_embeddings,
     )
+    if config.context_parallel_size > 1:  # RoPE table unsliced: in-segment positions on every rank
+        from megatron_infini.parallel import setup_context_parallel
+
+        setup_context_parallel(model)
     if torch.cuda.is_available():
         model.cuda()
     return model
