@@ -31,19 +31,20 @@ def check_world(cfg, nodes: int, procs_per_node: int) -> int:
     """World size against tensor parallelism and batch sizes; return the data-parallel size."""
     world = nodes * procs_per_node
     tp = cfg.parallel.tensor_model_parallel_size
-    if world % tp:
+    cp = getattr(cfg.parallel, "context_parallel_size", 1)
+    if world % (tp * cp):
         raise LaunchError(
             f"world size {world} ({nodes} node(s) x {procs_per_node} process(es)) is not divisible by "
-            f"parallel.tensor_model_parallel_size={tp}: change --nodes/--procs-per-node or "
-            f"parallel.tensor_model_parallel_size"
+            f"parallel.tensor_model_parallel_size={tp} x parallel.context_parallel_size={cp}: change "
+            f"--nodes/--procs-per-node or the parallel sizes"
         )
-    dp = world // tp
+    dp = world // (tp * cp)
     mb, gb = cfg.train.micro_batch_size, cfg.train.global_batch_size
     if gb % (mb * dp):
         raise LaunchError(
             f"train.global_batch_size={gb} is not divisible by train.micro_batch_size={mb} x data-parallel "
-            f"size {dp} (world {world} / TP {tp}) = {mb * dp}: set train.global_batch_size to a multiple of "
-            f"{mb * dp}, or change train.micro_batch_size or the number of ranks"
+            f"size {dp} (world {world} / TP {tp} / CP {cp}) = {mb * dp}: set train.global_batch_size to a "
+            f"multiple of {mb * dp}, or change train.micro_batch_size or the number of ranks"
         )
     return dp
 

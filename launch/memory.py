@@ -48,7 +48,9 @@ def estimate_memory_gb(model, parallel, zero_stage: int, micro_batch: int, seq_l
     """Estimated peak GPU memory of one rank in GiB (see the module docstring for the formula)."""
     tp = parallel.tensor_model_parallel_size
     sp = bool(getattr(parallel, "sequence_parallel", False))
-    dp = max(1, data_parallel_size)
+    cp = getattr(parallel, "context_parallel_size", 1)
+    dp = max(1, data_parallel_size) * cp  # ZeRO shards over data x context parallel ranks
+    seq_length = seq_length // cp  # each context-parallel rank holds s / cp tokens
     params = count_parameters(model) / tp
     weight_b, grad_b, optim_b = (4, 4, 8) if precision == "fp32" else (2, 2, 12)
     states = params * (

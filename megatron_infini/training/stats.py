@@ -28,6 +28,15 @@ def _tp_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _from_last_cp_rank(t: torch.Tensor) -> torch.Tensor:
+    """With context parallelism the memory of the whole sequence ends on the last CP rank."""
+    cp = ps.get_context_parallel_world_size()
+    if cp > 1:
+        t = t * float(ps.get_context_parallel_rank() == cp - 1)
+        dist.all_reduce(t, group=ps.get_context_parallel_group())
+    return t
+
+
 def _gathered(p):
     if hasattr(p, "ds_id"):  # ZeRO-3 partitioned parameter
         import deepspeed
@@ -70,6 +79,7 @@ def memory_stats(model) -> Dict[str, float]:
         if stats is None:
             continue
         t = _tp_sum(stats.detach().float().clone())
+        t = _from_last_cp_rank(t)
         out[f"memory/layer{core.layer_number}/M_norm"] = t[0].sqrt().item()
         out[f"memory/layer{core.layer_number}/z_mean"] = (t[1] / t[2]).item()
     return out
