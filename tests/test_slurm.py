@@ -83,7 +83,7 @@ def test_memory_estimate_refuses_a_model_too_big_for_the_gpus(config):
     big = ["model.num_layers=32", "model.hidden_size=4096", "model.num_attention_heads=32",
            "model.num_query_groups=8", "model.ffn_hidden_size=14336", "model.vocab_size=128256",
            "model.segment_length=1024", "train.seq_length=8192", "train.micro_batch_size=1",
-           "train.global_batch_size=32"]
+           "train.global_batch_size=32", "run_dir=/shared/runs/big"]  # a shared path, wherever the repo is
     cfg = read_config(str(config), big)
     assert 7.9e9 < count_parameters(cfg.model) < 8.1e9  # Llama 3 8B
     with pytest.raises(LaunchError, match="exceeds --gpu-memory-gb=80"):

@@ -46,7 +46,9 @@ def train(run_dir, *overrides, nproc: int = 2, config: str = DEBUG_CONFIG, timeo
     else:
         launcher = [sys.executable, "-m", "megatron_infini.train"]
     cmd = launcher + ["--config", config, f"run_dir={run_dir}", "logging.progress_bar=false", *overrides]
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE=os.environ.get("WANDB_MODE", "disabled"),
+    inherited = {k: v for k, v in os.environ.items()
+                 if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    full_env = dict(inherited, OMP_NUM_THREADS="1", WANDB_MODE=os.environ.get("WANDB_MODE", "disabled"),
                     PYTHONWARNINGS="ignore")
     full_env.update(env or {})
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -25,9 +25,12 @@ def _free_port() -> int:
 
 def init_distributed(cfg: Config) -> None:
     """Initialise torch.distributed (nccl on GPU, gloo on CPU) and Megatron's groups."""
-    if "RANK" not in os.environ:  # single process without torchrun
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # Under torchrun the env:// rendezvous; alone, a private store on a free local port (the
+    # environment is left untouched, so subprocesses started later do not inherit a rank).
+    init_kwargs = {}
+    if "RANK" not in os.environ:
+        init_kwargs = dict(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed.initialize insists on it
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -39,6 +42,7 @@ def init_distributed(cfg: Config) -> None:
         dist.init_process_group(
             backend="nccl" if cuda else "gloo",
             timeout=timedelta(minutes=cfg.parallel.timeout_minutes),
+            **init_kwargs,
         )
     ps.initialize_model_parallel(tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
                                  context_parallel_size=cfg.parallel.context_parallel_size)
