@@ -49,6 +49,14 @@ def test_debug_run_learns_and_logs(tmp_path):
     # a final checkpoint is there
     assert os.path.isdir(os.path.join(run.run_dir, "checkpoints", "iter_0000030"))
 
+    # resuming continues the same W&B run and appends steps 31-32 to the same metrics file
+    more = train(tmp_path / "run", "train.steps=32", "train.eval_interval=0", "logging.wandb_mode=offline",
+                 env={"WANDB_MODE": "offline"})
+    assert more.returncode == 0, more.output[-3000:]
+    assert [r["step"] for r in more.steps] == list(range(1, 33))
+    runs = glob.glob(os.path.join(run.run_dir, "wandb", "offline-run-*"))
+    assert len(runs) == 2 and all(r.endswith(f"-{run_id}") for r in runs), runs
+
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stages_match_plain_data_parallel(tmp_path, reference, stage):
