@@ -19,7 +19,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from ._common import EPS, Memory, check_inputs, sigma
-from .fast import _forward, local_attention
+from .fast import _forward, local_attention_folded
 
 
 def memory_delta(k: torch.Tensor, v: torch.Tensor) -> Memory:
@@ -63,7 +63,7 @@ def infini_attention_deferred(
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     q_local = q if q_local is None else q_local
     k_local = k if k_local is None else k_local
-    a_dot = local_attention(q_local, k_local, v, segment_length, scale)  # [s, b, hq, dv]
+    a_dot = local_attention_folded(q_local, k_local, v, segment_length, scale)  # [b*n, hq, N, dv]
     memory = get_memory()
     check_inputs(q, k, v, gate, segment_length, update, memory, None, None)
     M, z = memory

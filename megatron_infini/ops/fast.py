@@ -93,6 +93,38 @@ def _forward_flat(*args):
     return out, M, z
 
 
+def _fold(x: torch.Tensor, n: int, N: int) -> torch.Tensor:
+    """[s, b, h, d] -> [b*n, h, N, d]: segments folded into the batch (the last one zero-padded)."""
+    s, b, h, d = x.shape
+    if n * N != s:
+        x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, n * N - s))  # [n*N, b, h, d]; the pad comes last
+    return x.view(n, N, b, h, d).permute(2, 0, 3, 1, 4).reshape(b * n, h, N, d)
+
+
+def _unfold(x: torch.Tensor, s: int, b: int) -> torch.Tensor:
+    """[b*n, h, N, d] -> [s, b, h, d] (drops the padding)."""
+    bn, h, N, d = x.shape
+    n = bn // b
+    return x.view(b, n, h, N, d).permute(1, 3, 0, 2, 4).reshape(n * N, b, h, d)[:s]
+
+
+def local_attention_folded(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_length: int, scale: Optional[float] = None
+) -> torch.Tensor:
+    """Causal attention inside each segment, segments folded into the batch: one fused call.
+
+    q [s, b, hq, dk], k [s, b, hkv, dk], v [s, b, hkv, dv] -> [b*n, hq, N, dv] with
+    N = min(segment_length, s) and n = ceil(s / N); rows past s are padding.
+    """
+    s, hq, hkv = q.shape[0], q.shape[2], k.shape[2]
+    N = min(segment_length, s)
+    n = -(-s // N)
+    # Zero-padded keys sit after every real query of the last segment, so causality hides them.
+    return F.scaled_dot_product_attention(
+        _fold(q, n, N), _fold(k, n, N), _fold(v, n, N), is_causal=True, scale=scale, enable_gqa=hq != hkv
+    )
+
+
 def local_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_length: int, scale: Optional[float] = None
 ) -> torch.Tensor:
@@ -100,40 +132,29 @@ def local_attention(
 
     q [s, b, hq, dk], k [s, b, hkv, dk], v [s, b, hkv, dv] -> [s, b, hq, dv] in q's dtype.
     """
-    s, b, hq, dk = q.shape
-    hkv, dv = v.shape[2], v.shape[3]
-    N = min(segment_length, s)
-    n = -(-s // N)
-
-    def fold(x: torch.Tensor) -> torch.Tensor:  # [s, b, h, d] -> [b*n, h, N, d]
-        h, d = x.shape[2], x.shape[3]
-        x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, n * N - s))  # [n*N, b, h, d]; the pad comes last
-        return x.view(n, N, b, h, d).permute(2, 0, 3, 1, 4).reshape(b * n, h, N, d)
-
-    # Zero-padded keys sit after every real query of the last segment, so causality hides them.
-    out = F.scaled_dot_product_attention(
-        fold(q), fold(k), fold(v), is_causal=True, scale=scale, enable_gqa=hq != hkv
-    )  # [b*n, hq, N, dv]
-    out = out.view(b, n, hq, N, dv).permute(1, 3, 0, 2, 4).reshape(n * N, b, hq, dv)
-    return out[:s]
+    return _unfold(local_attention_folded(q, k, v, segment_length, scale), q.shape[0], q.shape[1])
 
 
 def _forward(q, k, v, gate, q_local, k_local, M0, z0, N, update, scale, eps, a_dot=None):
-    """The op over one block; `a_dot` is the local attention when already computed (see
-    `ops.context.infini_attention_deferred`), else it is computed here."""
+    """The op over one block. `a_dot`: the local attention in folded layout [b*n, hq, N, dv]
+    when already computed (see `ops.context.infini_attention_deferred`), else computed here."""
     s, b, hq, dk = q.shape
     hkv, dv = v.shape[2], v.shape[3]
     g = hq // hkv
+    N = min(N, s)  # one short segment when the input is shorter than a segment
     n = -(-s // N)
     pad = n * N - s
 
     if a_dot is None:
-        a_dot = local_attention(q_local, k_local, v, N, scale)  # [s, b, hq, dv]
+        a_dot = local_attention_folded(q_local, k_local, v, N, scale)  # [b*n, hq, N, dv]
 
     # Memory path in float32. Padding is applied after sigma so padded keys add nothing.
-    sq = F.pad(sigma(q), (0, 0, 0, 0, 0, 0, 0, pad))  # [n*N, b, hq, dk]
-    sk = F.pad(sigma(k), (0, 0, 0, 0, 0, 0, 0, pad))  # [n*N, b, hkv, dk]
-    vf = F.pad(v.float(), (0, 0, 0, 0, 0, 0, 0, pad))  # [n*N, b, hkv, dv]
+    def padded(x):  # [s, ...] -> [n*N, ...]
+        return F.pad(x, (0, 0, 0, 0, 0, 0, 0, pad)) if pad else x
+
+    sq = padded(sigma(q))  # [n*N, b, hq, dk]
+    sk = padded(sigma(k))  # [n*N, b, hkv, dk]
+    vf = padded(v.float())  # [n*N, b, hkv, dv]
     sk = sk.view(n, N, b, hkv, dk).permute(2, 3, 0, 1, 4)  # (b, hkv, n, N, dk)
     vf = vf.view(n, N, b, hkv, dv).permute(2, 3, 0, 1, 4)  # (b, hkv, n, N, dv)
     sq = sq.view(n, N, b, hkv, g, dk).permute(2, 3, 0, 4, 1, 5).reshape(b, hkv, n, g * N, dk)
@@ -161,9 +182,14 @@ def _forward(q, k, v, gate, q_local, k_local, M0, z0, N, update, scale, eps, a_d
 
     num = sq @ M_prev  # (b, hkv, n, g*N, dv)
     den = sq @ z_prev.unsqueeze(-1)  # (b, hkv, n, g*N, 1)
-    a_mem = num / (den + eps)
-    a_mem = a_mem.view(b, hkv, n, g, N, dv).permute(2, 4, 0, 1, 3, 5).reshape(n * N, b, hq, dv)[:s]
 
-    beta = torch.sigmoid(gate.float()).view(1, 1, hq, 1)
-    out = beta * a_mem + (1.0 - beta) * a_dot.float()  # [s, b, hq, dv]
+    # Gate and normalisation in one pass, in the local attention's folded layout:
+    # out = (1 - beta) * A_dot + num * beta / (den + eps)
+    beta = torch.sigmoid(gate.float()).view(hkv, g, 1, 1)  # broadcasts over (..., hkv, g, N, dv)
+    den = den.view(b, hkv, n, g, N, 1).permute(0, 2, 1, 3, 4, 5)  # (b, n, hkv, g, N, 1)
+    weight = beta / (den + eps)  # (b, n, hkv, g, N, 1)
+    num = num.view(b, hkv, n, g, N, dv).permute(0, 2, 1, 3, 4, 5)  # (b, n, hkv, g, N, dv)
+    local = a_dot.float().view(b, n, hkv, g, N, dv) * (1.0 - beta)  # (b, n, hkv, g, N, dv)
+    out = torch.addcmul(local, num, weight)  # (b, n, hkv, g, N, dv)
+    out = _unfold(out.view(b * n, hq, N, dv), s, b)  # [s, b, hq, dv]
     return out.to(q.dtype), (M_last, z_last)
