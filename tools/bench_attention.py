@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import time
 
 IMPLS = ("fast", "naive", "full")
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296"
 
 
 def _sync(device):
@@ -131,6 +133,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=60.0, help="stop repeating a case after this long")
     p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--malloc", default="tuned", choices=["tuned", "default"],
+                   help="tuned (default): every case runs with GLIBC_TUNABLES raising glibc's mmap/trim "
+                        "thresholds, so tensors of 64 MB and more are reused instead of being page-faulted "
+                        "in again on every allocation (what jemalloc/tcmalloc do for CPU training); "
+                        "default: the system allocator as is")
     a = p.parse_args(argv)
     dtype = a.dtype or ("bf16" if a.device == "cuda" else "fp32")
     lengths = [int(x) for x in a.lengths.split(",")]
@@ -140,13 +147,17 @@ def main(argv=None) -> int:
         if impl not in IMPLS:
             p.error(f"--impls: unknown {impl!r}, choose from {IMPLS}")
 
+    if a.malloc == "tuned" and a.device == "cpu":  # read at process start: the spawned cases inherit it
+        os.environ["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+
     import torch
 
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
     peak = matmul_rate(a.device, dtype)
     name = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# {name}, torch {torch.__version__}, {dtype}; measured matmul rate {peak / 1e9:.1f} GFLOP/s")
+    print(f"# {name}, torch {torch.__version__}, {dtype}; measured matmul rate {peak / 1e9:.1f} GFLOP/s; "
+          f"malloc {a.malloc}" + (f" (GLIBC_TUNABLES={MALLOC_TUNABLES})" if a.malloc == "tuned" else ""))
     print(f"# b={a.batch} hq={a.heads} hkv={a.kv_heads or a.heads} d={a.head_dim} segment={a.segment}; "
           "forward+backward, median of repeats, each case in a fresh process")
 

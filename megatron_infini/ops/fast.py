@@ -164,7 +164,8 @@ def _forward(q, k, v, gate, q_local, k_local, M0, z0, N, update, scale, eps, a_d
     z_prev = torch.cat([z0.unsqueeze(2), z0.unsqueeze(2) + cz[:, :, :-1]], dim=2)  # (b, hkv, n, dk)
     z_last = z0 + cz[:, :, -1]
     if update == "linear":
-        dM = sk.transpose(-1, -2) @ vf  # (b, hkv, n, dk, dv)
+        # per segment, not one batched matmul over permuted views: small cache-resident products
+        dM = torch.stack([skj.transpose(-1, -2) @ vj for skj, vj in zip(sk.unbind(2), vf.unbind(2))], dim=2)  # (b, hkv, n, dk, dv)
         cM = torch.cumsum(dM, dim=2)
         M_prev = torch.cat([M0.unsqueeze(2), M0.unsqueeze(2) + cM[:, :, :-1]], dim=2)  # (b, hkv, n, dk, dv)
         M_last = M0 + cM[:, :, -1]
