@@ -99,3 +99,18 @@ def run_distributed(
             with open(os.path.join(out_dir, f"rank{r}.pkl"), "rb") as f:
                 results.append(pickle.load(f))
         return results
+
+
+def gather_full(t, p):
+    """The full tensor of a (possibly tensor-parallel) parameter: Megatron's split, any stride."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    if tp == 1 or not getattr(p, "tensor_model_parallel", False):
+        return t.detach().clone()
+    parts = [torch.empty_like(t) for _ in range(tp)]
+    dist.all_gather(parts, t.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
+    dim, stride = p.partition_dim, p.partition_stride
+    chunks = [part.chunk(stride, dim=dim) for part in parts]
+    return torch.cat([chunks[r][j] for j in range(stride) for r in range(tp)], dim=dim)

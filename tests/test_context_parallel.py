@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from _dist import reinit_model_parallel, run_distributed
+from _dist import gather_full, reinit_model_parallel, run_distributed
 from torch.testing import assert_close
 
 TINY = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
@@ -61,19 +61,6 @@ def _gather(t, group, dim):
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, t.contiguous(), group=group)
     return torch.cat(parts, dim=dim)
-
-
-def gather_full(t, p):
-    """Full tensor of a (possibly tensor-parallel) parameter."""
-    ps = _ps()
-    tp = ps.get_tensor_model_parallel_world_size()
-    if tp == 1 or not getattr(p, "tensor_model_parallel", False):
-        return t.detach().clone()
-    parts = [torch.empty_like(t) for _ in range(tp)]
-    dist.all_gather(parts, t.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
-    dim, stride = p.partition_dim, p.partition_stride
-    chunks = [part.chunk(stride, dim=dim) for part in parts]
-    return torch.cat([chunks[r][j] for j in range(stride) for r in range(tp)], dim=dim)
 
 
 def step(model, ids, labels):

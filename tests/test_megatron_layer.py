@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _dist import reinit_model_parallel, run_distributed
+from _dist import gather_full, reinit_model_parallel, run_distributed
 from torch.testing import assert_close
 
 TINY = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
@@ -59,20 +59,6 @@ def data(seed=1):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (B, S), generator=g)
     return ids, torch.roll(ids, -1, dims=1)
-
-
-def gather_full(t, p):
-    """The full tensor of a tensor-parallel parameter (Megatron split, any stride)."""
-    from megatron.core import parallel_state as ps
-
-    tp, _ = _tp()
-    if tp == 1 or not getattr(p, "tensor_model_parallel", False):
-        return t.detach().clone()
-    parts = [torch.empty_like(t) for _ in range(tp)]
-    dist.all_gather(parts, t.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
-    dim, stride = p.partition_dim, p.partition_stride
-    chunks = [part.chunk(stride, dim=dim) for part in parts]
-    return torch.cat([chunks[r][j] for j in range(stride) for r in range(tp)], dim=dim)
 
 
 def logits(model, ids):
