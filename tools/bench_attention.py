@@ -84,20 +84,21 @@ def _case(args: dict) -> dict:
         base = torch.cuda.memory_allocated()
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times = []
-    t_first = None
-    deadline = time.perf_counter() + args["budget_s"]
-    for i in range(args["repeats"] + 1):
+    def timed():
         _sync(dev)
         t0 = time.perf_counter()
         step()
         _sync(dev)
-        dt_s = time.perf_counter() - t0
-        if i == 0:
-            t_first = dt_s
-            if dt_s < 5.0:  # short cases: treat the first run as warm-up
-                continue
-        times.append(dt_s)
+        return time.perf_counter() - t0
+
+    # Warm-up: the first runs also pay for page-faulting fresh allocations in (a second one
+    # for cases short enough to afford it), then timed repeats until the budget is spent.
+    deadline = time.perf_counter() + args["budget_s"]
+    if timed() < 5.0:
+        timed()
+    times = []
+    for _ in range(args["repeats"]):
+        times.append(timed())
         if time.perf_counter() > deadline:
             break
     if dev == "cuda":
@@ -108,7 +109,7 @@ def _case(args: dict) -> dict:
         fwd = causal_attention_flops(s, b, hq, d, d)
     else:
         fwd = infini_attention_flops(s, b, hq, hkv, d, d, N, update)
-    t = statistics.median(times) if times else t_first
+    t = statistics.median(times)
     return dict(args, time_s=t, runs=len(times), peak_bytes=peak, flops=3 * fwd, flops_per_s=3 * fwd / t)
 
 
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--kv-heads", type=int, default=None, help="default: --heads (no GQA)")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--segment", type=int, default=1024)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--budget-s", type=float, default=60.0, help="stop repeating a case after this long")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--malloc", default="tuned", choices=["tuned", "default"],
@@ -189,12 +190,12 @@ def main(argv=None) -> int:
             fmt = lambda x: f"{x * 1e3:.0f}" if x else "-"
             ratio = lambda x: f"{x / f:.1f}x" if x and f else "-"
             print(f"| {s} | {update} | {fmt(f)} | {fmt(n)} | {fmt(full)} | {ratio(full)} | {ratio(n)} |")
-    if len(lengths) > 1 and "fast" in impls:
-        lo, hi = lengths[0], lengths[-1]
-        for update in updates:
-            if t(lo, "fast", update) and t(hi, "fast", update):
-                growth = t(hi, "fast", update) / t(lo, "fast", update)
-                print(f"fast {update}: t({hi})/t({lo}) = {growth:.2f} (linear would be {hi / lo:.1f})")
+    if "fast" in impls:
+        for lo, hi in zip(lengths, lengths[1:]):
+            for update in updates:
+                if t(lo, "fast", update) and t(hi, "fast", update):
+                    growth = t(hi, "fast", update) / t(lo, "fast", update)
+                    print(f"fast {update}: t({hi})/t({lo}) = {growth:.2f} (linear would be {hi / lo:.1f})")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(dict(matmul_flops_per_s=peak, device=name, results=results), fh, indent=1)

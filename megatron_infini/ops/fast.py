@@ -2,15 +2,23 @@
 
 - Local attention: segments are folded into the batch and run through one fused causal
   `scaled_dot_product_attention` call (flash / memory-efficient kernels where available).
-- Linear update: the state before segment j is an exclusive prefix sum over segments of
-  sigma(K_i)^T V_i and sum_t sigma(K_i,t), so every retrieval is one batched matmul.
-- Delta update: the state must be built segment by segment (two matmuls per step); the
-  retrievals are then one batched matmul over the stacked states.
+- Memory path in float32 with M and z side by side, Mz = [M | z] (dk x (dv + 1)), so one
+  matmul gives a retrieval and its normaliser.
+- Linear update: the state before segment j is an exclusive prefix sum (cumsum) over the
+  per-segment deltas [sigma(K_i)^T V_i | sum_t sigma(K_i,t)]; no sequential dependency.
+- Delta update: the states are built segment by segment (each update reads the state the
+  previous one left): a read and a write matmul per step.
+- Retrieval and gate read each segment's state. Deltas, delta states and retrieval are
+  autograd functions that work one segment at a time, forward and backward, with the
+  chain rule written out: every temporary is a segment's worth (cache-sized on CPU), and
+  nothing but the inputs and the small states is kept for backward (sigma and the reads
+  are recomputed). Checked against autograd through the naive loop in tests/test_ops.py.
 - Optional activation checkpointing in blocks of segments: only the memory state at block
   boundaries is kept for backward, the rest is recomputed.
 
 Legend: s sequence, b batch, hq / hkv query / key-value heads, g = hq // hkv, dk / dv head
-dims, N segment length, n number of segments (the last one zero-padded to N).
+dims, N segment length, n number of segments (the last one zero-padded to N in the
+folded layout of the local attention).
 """
 
 from __future__ import annotations
@@ -20,9 +28,10 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from ._common import EPS, Memory, check_inputs, empty_memory, sigma
+from ._common import EPS, Memory, check_inputs, empty_memory
 
 
 def infini_attention(
@@ -78,11 +87,10 @@ def infini_attention(
         return _forward(q, k, v, gate, q_local, k_local, M, z, segment_length, update, scale, eps)
 
     outs = []
-    for start in range(0, s, block):
-        blk = slice(start, min(start + block, s))
+    # split, not slicing: slicing's backward writes each block's gradient into a zero tensor of the full length
+    for qb, kb, vb, qlb, klb in zip(*(x.split(block) for x in (q, k, v, q_local, k_local))):
         out, M, z = _checkpoint(
-            _forward_flat, q[blk], k[blk], v[blk], gate, q_local[blk], k_local[blk], M, z,
-            segment_length, update, scale, eps, use_reentrant=False,
+            _forward_flat, qb, kb, vb, gate, qlb, klb, M, z, segment_length, update, scale, eps, use_reentrant=False,
         )
         outs.append(out)
     return torch.cat(outs, dim=0), (M, z)
@@ -135,62 +143,225 @@ def local_attention(
     return _unfold(local_attention_folded(q, k, v, segment_length, scale), q.shape[0], q.shape[1])
 
 
+def _segments(s: int, N: int):
+    """(index, start, length) of each segment; the last one may be shorter."""
+    return [(j, start, min(N, s - start)) for j, start in enumerate(range(0, s, N))]
+
+
+def _heads(x: torch.Tensor, start: int, T: int) -> torch.Tensor:
+    """Rows [start, start+T) of [s, b, h, d] as a (b, h, T, d) view (no copy)."""
+    return x[start:start + T].permute(1, 2, 0, 3)
+
+
+def _sigma_(x: torch.Tensor) -> torch.Tensor:
+    """sigma(x) = ELU(x) + 1 = max(x, 0) + exp(min(x, 0)) in float32, without autograd.
+
+    Written so because torch's CPU ELU kernel is not vectorised (6x slower than exp here).
+    The backwards below use its derivative min(sigma(x), 1): 1 for x > 0, exp(x) otherwise.
+    """
+    x = x.float()
+    return torch.relu(x).add_(x.clamp(max=0.0).exp_())
+
+
+def _per_query_head(Mz: torch.Tensor, g: int) -> torch.Tensor:
+    """(b, hkv, dk, e) -> (b, hkv * g, dk, e): each key/value head's memory for its g query heads."""
+    if g == 1:
+        return Mz
+    b, hkv, dk, e = Mz.shape
+    return Mz.unsqueeze(2).expand(b, hkv, g, dk, e).reshape(b, hkv * g, dk, e)
+
+
+class _LinearDeltas(torch.autograd.Function):
+    """Per-segment memory deltas of the linear rule, M and z side by side:
+    dMz[j] = [sigma(K_j)^T V_j | sum_t sigma(K_j,t)]  (n, b, hkv, dk, dv + 1), float32.
+
+    One segment at a time in forward and backward, so every temporary is a segment's worth
+    (cache-sized) and nothing but k and v is kept for backward (sigma(K_j) is recomputed).
+    """
+
+    @staticmethod
+    def forward(ctx, k, v, N):
+        s, b, hkv, dk = k.shape
+        dv = v.shape[3]
+        segs = _segments(s, N)
+        dMz = torch.empty(len(segs), b, hkv, dk, dv + 1, dtype=torch.float32, device=k.device)
+        for j, start, T in segs:
+            sk = _sigma_(_heads(k, start, T))  # (b, hkv, T, dk)
+            dMz[j, ..., :dv] = sk.transpose(-1, -2) @ _heads(v, start, T).float()
+            dMz[j, ..., dv] = sk.sum(dim=-2)
+        ctx.save_for_backward(k, v)
+        ctx.N = N
+        return dMz
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        k, v = ctx.saved_tensors
+        dv = v.shape[3]
+        grad_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        for j, start, T in _segments(k.shape[0], ctx.N):
+            sk = _sigma_(_heads(k, start, T))  # (b, hkv, T, dk)
+            gM, gz = grad[j, ..., :dv], grad[j, ..., dv:]  # (b, hkv, dk, dv), (b, hkv, dk, 1)
+            g_sk = _heads(v, start, T).float() @ gM.transpose(-1, -2) + gz.transpose(-1, -2)  # (b, hkv, T, dk)
+            _heads(grad_v, start, T).copy_(sk @ gM)
+            _heads(grad_k, start, T).copy_(g_sk.mul_(sk.clamp_(max=1.0)))  # sigma'(k) = min(sigma(k), 1)
+        return grad_k, grad_v, None
+
+
+class _DeltaStates(torch.autograd.Function):
+    """The delta rule's memory states, M and z side by side: Mz[0] = Mz0 and
+
+        Mz[j + 1] = Mz[j] + [sigma(K_j)^T (V_j - sigma(K_j) M_j / (sigma(K_j) z_j + eps)) | sum_t sigma(K_j,t)]
+
+    k [s, b, hkv, dk], v [s, b, hkv, dv], Mz0 (b, hkv, dk, dv + 1) float32 ->
+    (n + 1, b, hkv, dk, dv + 1) float32. Sequential over segments (each update reads the state
+    the previous one left); the backward walks the segments in reverse with the chain rule
+    written out, recomputing each segment's read from the saved states, so the temporaries
+    are a segment's worth and autograd keeps no per-segment graph.
+    """
+
+    @staticmethod
+    def forward(ctx, k, v, Mz0, N, eps):
+        s, b, hkv, dk = k.shape
+        dv = v.shape[3]
+        segs = _segments(s, N)
+        states = torch.empty(len(segs) + 1, b, hkv, dk, dv + 1, dtype=torch.float32, device=k.device)
+        states[0] = Mz0
+        for j, start, T in segs:
+            sk = _sigma_(_heads(k, start, T))  # (b, hkv, T, dk)
+            u = _delta_values(sk @ states[j], _heads(v, start, T), eps)
+            states[j + 1] = states[j] + sk.transpose(-1, -2) @ u
+        ctx.save_for_backward(k, v, states)
+        ctx.N, ctx.eps = N, eps
+        return states
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_states):
+        k, v, states = ctx.saved_tensors
+        b, hkv, dk, dv1 = states.shape[1:]
+        dv = dv1 - 1
+        grad_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        G = grad_states[-1].clone()  # dL/dMz[j + 1], accumulated from the end
+        for j, start, T in reversed(_segments(k.shape[0], ctx.N)):
+            Mz = states[j]
+            sk = _sigma_(_heads(k, start, T))  # (b, hkv, T, dk)
+            read = sk @ Mz  # (b, hkv, T, dv + 1)
+            den = read[..., dv:] + ctx.eps
+            # W = [u | d read]: both multiply into dL/dsigma(K_j) in one matmul below
+            W = torch.empty(b, hkv, T, 2 * dv1, dtype=torch.float32, device=k.device)
+            _delta_values(read, _heads(v, start, T), ctx.eps, out=W[..., :dv1])
+            g_u = sk @ G[..., :dv]  # (b, hkv, T, dv): dL/dV_j, and -dL/d(what M returned)
+            torch.div(g_u, den.neg(), out=W[..., dv1:-1])
+            W[..., -1:] = (g_u * (read[..., :dv] / den)).sum(dim=-1, keepdim=True) / den
+            g_sk = W @ torch.cat([G, Mz], dim=-1).transpose(-1, -2)  # (b, hkv, T, dk)
+            G += sk.transpose(-1, -2) @ W[..., dv1:]  # through the read of Mz[j]
+            G += grad_states[j]  # now dL/dMz[j]
+            _heads(grad_v, start, T).copy_(g_u)
+            _heads(grad_k, start, T).copy_(g_sk.mul_(sk.clamp_(max=1.0)))  # sigma'(k) = min(sigma(k), 1)
+        return grad_k, grad_v, G, None, None
+
+
+def _delta_values(read: torch.Tensor, v: torch.Tensor, eps: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[V - what the memory returns for these keys | 1] (b, hkv, T, dv + 1) float32, from
+    read = sigma(K) [M | z]: the rows the delta rule writes, with the ones column writing z."""
+    dv = v.shape[-1]
+    if out is None:
+        out = torch.empty(read.shape, dtype=torch.float32, device=read.device)
+    torch.div(read[..., :dv], read[..., dv:] + eps, out=out[..., :dv])
+    torch.sub(v, out[..., :dv], out=out[..., :dv])
+    out[..., dv] = 1.0
+    return out
+
+
+class _RetrieveAndGate(torch.autograd.Function):
+    """Memory retrieval and gate, one segment at a time:
+
+        out_j = (1 - beta) * A_dot_j + beta * (sigma(Q_j) M_{j-1}) / (sigma(Q_j) z_{j-1} + eps)
+
+    q [s, b, hq, dk]; Mz (n, b, hkv, dk, dv + 1) float32, the state [M | z] before each
+    segment; a_dot the local attention in folded layout [b*n, hq, N, dv]; beta [hq] float32
+    (the sigmoid of the gate). Returns [s, b, hq, dv] in q's dtype.
+
+    Written as one autograd function so that retrieval, normalisation and gate run on a
+    segment's worth of cache-resident temporaries, forward and backward, instead of a dozen
+    passes over sequence-sized tensors; backward recomputes sigma(Q_j) and the retrieval
+    (one small matmul) instead of keeping them.
+    """
+
+    @staticmethod
+    def forward(ctx, q, Mz, a_dot, beta, eps):
+        s, b, hq, _ = q.shape
+        hkv, dv = Mz.shape[2], Mz.shape[4] - 1
+        N = a_dot.shape[2]
+        a_seg = a_dot.view(b, -1, hq, N, dv)
+        bcol = beta.view(hq, 1, 1)
+        out = torch.empty(s, b, hq, dv, dtype=q.dtype, device=q.device)
+        for j, start, T in _segments(s, N):
+            nd = _sigma_(_heads(q, start, T)) @ _per_query_head(Mz[j], hq // hkv)  # (b, hq, T, dv + 1)
+            w = bcol / (nd[..., dv:] + eps)  # (b, hq, T, 1)
+            o = torch.addcmul(a_seg[:, j, :, :T].float() * (1.0 - bcol), nd[..., :dv], w)
+            _heads(out, start, T).copy_(o)
+        ctx.save_for_backward(q, Mz, a_dot, beta)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q, Mz, a_dot, beta = ctx.saved_tensors
+        s, b, hq, dk = q.shape
+        hkv, dv = Mz.shape[2], Mz.shape[4] - 1
+        g = hq // hkv
+        N = a_dot.shape[2]
+        a_seg = a_dot.view(b, -1, hq, N, dv)
+        bcol = beta.view(hq, 1, 1)
+        grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        grad_Mz = torch.empty_like(Mz)
+        grad_a = torch.empty_like(a_dot)
+        ga_seg = grad_a.view(b, -1, hq, N, dv)
+        ga_seg[:, -1, :, s - (ga_seg.shape[1] - 1) * N:] = 0.0  # rows past s: padding of the last segment
+        grad_beta = torch.zeros(hq, dtype=torch.float32, device=q.device)
+        for j, start, T in _segments(s, N):
+            sq = _sigma_(_heads(q, start, T))  # (b, hq, T, dk)
+            Mzq = _per_query_head(Mz[j], g)  # (b, hq, dk, dv + 1)
+            nd = sq @ Mzq
+            den = nd[..., dv:] + ctx.eps  # (b, hq, T, 1)
+            w = bcol / den
+            go = _heads(grad_out, start, T).float()  # (b, hq, T, dv)
+            ga_seg[:, j, :, :T] = go * (1.0 - bcol)
+            p = (go * nd[..., :dv]).sum(dim=-1, keepdim=True)  # grad . num, (b, hq, T, 1)
+            r = (go * a_seg[:, j, :, :T].float()).sum(dim=-1, keepdim=True)  # grad . A_dot
+            grad_beta += (p / den - r).sum(dim=(0, 2, 3))
+            g_nd = torch.empty_like(nd)  # d/d[num | den]
+            torch.mul(go, w, out=g_nd[..., :dv])
+            torch.mul(p, w.div_(den).neg_(), out=g_nd[..., dv:])
+            g_Mzq = sq.transpose(-1, -2) @ g_nd  # (b, hq, dk, dv + 1)
+            grad_Mz[j] = g_Mzq.view(b, hkv, g, dk, dv + 1).sum(dim=2) if g > 1 else g_Mzq
+            _heads(grad_q, start, T).copy_((g_nd @ Mzq.transpose(-1, -2)).mul_(sq.clamp_(max=1.0)))
+        return grad_q, grad_Mz, grad_a, grad_beta, None
+
+
 def _forward(q, k, v, gate, q_local, k_local, M0, z0, N, update, scale, eps, a_dot=None):
     """The op over one block. `a_dot`: the local attention in folded layout [b*n, hq, N, dv]
     when already computed (see `ops.context.infini_attention_deferred`), else computed here."""
-    s, b, hq, dk = q.shape
-    hkv, dv = v.shape[2], v.shape[3]
-    g = hq // hkv
+    s, dv = q.shape[0], v.shape[3]
     N = min(N, s)  # one short segment when the input is shorter than a segment
-    n = -(-s // N)
-    pad = n * N - s
-
     if a_dot is None:
         a_dot = local_attention_folded(q_local, k_local, v, N, scale)  # [b*n, hq, N, dv]
 
-    # Memory path in float32. Padding is applied after sigma so padded keys add nothing.
-    def padded(x):  # [s, ...] -> [n*N, ...]
-        return F.pad(x, (0, 0, 0, 0, 0, 0, 0, pad)) if pad else x
+    # Memory path in float32, M and z side by side as Mz = [M | z] (b, hkv, dk, dv + 1), so one
+    # matmul reads both the retrieval and its normaliser.
+    Mz0 = torch.cat([M0, z0.unsqueeze(-1)], dim=-1)
+    if update == "linear":  # state before segment j: exclusive prefix sum of the deltas
+        cum = torch.cumsum(_LinearDeltas.apply(k, v, N), dim=0)  # (n, b, hkv, dk, dv + 1)
+        Mz_prev = torch.cat([Mz0.unsqueeze(0), Mz0 + cum[:-1]], dim=0)
+        Mz_last = Mz0 + cum[-1]
+    else:  # delta rule: sequential, each update reads the state the previous one left
+        states = _DeltaStates.apply(k, v, Mz0, N, eps)  # (n + 1, b, hkv, dk, dv + 1)
+        Mz_prev, Mz_last = states[:-1], states[-1]
 
-    sq = padded(sigma(q))  # [n*N, b, hq, dk]
-    sk = padded(sigma(k))  # [n*N, b, hkv, dk]
-    vf = padded(v.float())  # [n*N, b, hkv, dv]
-    sk = sk.view(n, N, b, hkv, dk).permute(2, 3, 0, 1, 4)  # (b, hkv, n, N, dk)
-    vf = vf.view(n, N, b, hkv, dv).permute(2, 3, 0, 1, 4)  # (b, hkv, n, N, dv)
-    sq = sq.view(n, N, b, hkv, g, dk).permute(2, 3, 0, 4, 1, 5).reshape(b, hkv, n, g * N, dk)
-
-    dz = sk.sum(dim=3)  # (b, hkv, n, dk)
-    cz = torch.cumsum(dz, dim=2)
-    z_prev = torch.cat([z0.unsqueeze(2), z0.unsqueeze(2) + cz[:, :, :-1]], dim=2)  # (b, hkv, n, dk)
-    z_last = z0 + cz[:, :, -1]
-    if update == "linear":
-        # per segment, not one batched matmul over permuted views: small cache-resident products
-        dM = torch.stack([skj.transpose(-1, -2) @ vj for skj, vj in zip(sk.unbind(2), vf.unbind(2))], dim=2)  # (b, hkv, n, dk, dv)
-        cM = torch.cumsum(dM, dim=2)
-        M_prev = torch.cat([M0.unsqueeze(2), M0.unsqueeze(2) + cM[:, :, :-1]], dim=2)  # (b, hkv, n, dk, dv)
-        M_last = M0 + cM[:, :, -1]
-    else:
-        states = []
-        M = M0
-        # unbind, not indexing: one backward stack instead of a full-size zero tensor per segment
-        steps = zip(sk.unbind(2), vf.unbind(2), z_prev.unbind(2))  # (b, hkv, N, dk), (b, hkv, N, dv), (b, hkv, dk)
-        for skj, vj, zj in steps:  # sequential: each update reads the state the previous one left
-            states.append(M)
-            v_old = (skj @ M) / (skj @ zj.unsqueeze(-1) + eps)  # (b, hkv, N, dv)
-            M = M + skj.transpose(-1, -2) @ (vj - v_old)
-        M_prev = torch.stack(states, dim=2)  # (b, hkv, n, dk, dv)
-        M_last = M
-
-    num = sq @ M_prev  # (b, hkv, n, g*N, dv)
-    den = sq @ z_prev.unsqueeze(-1)  # (b, hkv, n, g*N, 1)
-
-    # Gate and normalisation in one pass, in the local attention's folded layout:
-    # out = (1 - beta) * A_dot + num * beta / (den + eps)
-    beta = torch.sigmoid(gate.float()).view(hkv, g, 1, 1)  # broadcasts over (..., hkv, g, N, dv)
-    den = den.view(b, hkv, n, g, N, 1).permute(0, 2, 1, 3, 4, 5)  # (b, n, hkv, g, N, 1)
-    weight = beta / (den + eps)  # (b, n, hkv, g, N, 1)
-    num = num.view(b, hkv, n, g, N, dv).permute(0, 2, 1, 3, 4, 5)  # (b, n, hkv, g, N, dv)
-    local = a_dot.float().view(b, n, hkv, g, N, dv) * (1.0 - beta)  # (b, n, hkv, g, N, dv)
-    out = torch.addcmul(local, num, weight)  # (b, n, hkv, g, N, dv)
-    out = _unfold(out.view(b * n, hq, N, dv), s, b)  # [s, b, hq, dv]
-    return out.to(q.dtype), (M_last, z_last)
+    out = _RetrieveAndGate.apply(q, Mz_prev, a_dot, torch.sigmoid(gate.float()), eps)  # [s, b, hq, dv]
+    return out, (Mz_last[..., :dv].contiguous(), Mz_last[..., dv].contiguous())
