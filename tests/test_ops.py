@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_infini.ops import EPS, infini_attention, infini_attention_naive
+from megatron_infini.ops import EPS, fast, infini_attention, infini_attention_naive
 
 # (s, b, hq, hkv, dk, dv, segment_length): lengths not divisible by the segment, dk != dv,
 # odd head dims, grouped-query attention, batch > 1, a single short segment.
@@ -52,9 +52,19 @@ def _close(a, b, rtol, atol, what):
     assert err <= atol + rtol * ref, f"{what}: max abs err {err:.3e} (ref max {ref:.3e})"
 
 
+@pytest.fixture(params=["chunked", "per-segment"])
+def chunking(request, monkeypatch):
+    """The fast op's memory path loops over chunks of whole segments sized to a budget of
+    elements (CHUNK_ELEMENTS); test shapes are tiny, so by default one chunk holds every
+    segment: also run with a budget of one element, i.e. one segment per chunk."""
+    if request.param == "per-segment":
+        monkeypatch.setitem(fast.CHUNK_ELEMENTS, "cpu", 1)
+    return request.param
+
+
 @pytest.mark.parametrize("update", UPDATES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_fast_matches_naive_fp32(shape, update):
+def test_fast_matches_naive_fp32(shape, update, chunking):
     s, b, hq, hkv, dk, dv, N = shape
     q, k, v, gate, memory = _inputs(s, b, hq, hkv, dk, dv)
     leaves = [q, k, v, gate, *memory]

@@ -98,3 +98,35 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert lr_factor(60, opt, 110) == pytest.approx(0.55)
     assert lr_factor(110, opt, 110) == pytest.approx(0.1)
     assert lr_factor(500, opt, 110) == pytest.approx(0.1)
+
+
+def test_param_groups_give_gates_their_own_lr_and_no_decay():
+    """Gates are found by the attribute InfiniCoreAttention sets, not by name: a router or gated
+    MLP weight called "gate" is an ordinary matrix with weight decay."""
+    import torch
+
+    from megatron_infini.training.engine import param_groups
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.core_attention = torch.nn.Module()
+            self.core_attention.gate = torch.nn.Parameter(torch.zeros(4))
+            self.core_attention.gate.infini_gate = True
+            self.proj = torch.nn.Linear(8, 8)  # weight: decay; bias: no decay
+            self.norm = torch.nn.LayerNorm(8)  # no decay
+            self.gate = torch.nn.Linear(8, 2, bias=False)  # e.g. a router: decay
+            self.frozen = torch.nn.Parameter(torch.zeros(3, 3), requires_grad=False)
+
+    model = Block()
+    cfg = load_config(None, ["optimizer.lr=3e-4", "optimizer.gate_lr=2e-2", "optimizer.weight_decay=0.1"])
+    groups = {g["name"]: g for g in param_groups(model, cfg)}
+    ids = {name: {id(p) for p in g["params"]} for name, g in groups.items()}
+    assert ids["gates"] == {id(model.core_attention.gate)}
+    assert groups["gates"]["lr"] == 2e-2 and groups["gates"]["weight_decay"] == 0.0
+    assert ids["decay"] == {id(model.proj.weight), id(model.gate.weight)}
+    assert groups["decay"]["lr"] == 3e-4 and groups["decay"]["weight_decay"] == 0.1
+    assert ids["no_decay"] == {id(model.proj.bias), id(model.norm.weight), id(model.norm.bias)}
+    assert groups["no_decay"]["weight_decay"] == 0.0
+    # every trainable parameter in exactly one group, the frozen one in none
+    assert sum(len(s) for s in ids.values()) == sum(1 for p in model.parameters() if p.requires_grad)

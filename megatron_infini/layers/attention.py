@@ -90,7 +90,7 @@ class InfiniCoreAttention(MegatronModule):
             self.gate = None
         self.carry_memory = False
         self.memory: Optional[Memory] = None
-        self.last_memory_stats: Optional[torch.Tensor] = None
+        self.last_memory_stats: Optional[torch.Tensor] = None  # set by forwards in training mode (metrics)
         # Context parallelism: this rank holds a contiguous block of whole segments and gets
         # its initial memory from the ranks before it (megatron_infini.parallel).
         self.cp_relay = None
@@ -144,8 +144,8 @@ class InfiniCoreAttention(MegatronModule):
             if self.carry_memory:
                 # Kept without graph: gradients never cross a forward call.
                 self.memory = (memory[0].detach(), memory[1].detach())
-            with torch.no_grad():  # for metrics: sum of M^2, sum of z, count of z (reduced over TP by the reader)
-                M, z = memory
+            if self.training:  # for the trainer's metrics: sum of M^2, sum of z, count of z (TP-reduced by the reader)
+                M, z = memory[0].detach(), memory[1].detach()
                 self.last_memory_stats = torch.stack(
                     [M.square().sum(), z.sum(), torch.tensor(float(z.numel()), device=z.device)])
         return out.reshape(s, b, -1)  # [s, b, np * hn]

@@ -9,10 +9,11 @@
 - Delta update: the states are built segment by segment (each update reads the state the
   previous one left): a read and a write matmul per step.
 - Retrieval and gate read each segment's state. Deltas, delta states and retrieval are
-  autograd functions that work one segment at a time, forward and backward, with the
-  chain rule written out: every temporary is a segment's worth (cache-sized on CPU), and
-  nothing but the inputs and the small states is kept for backward (sigma and the reads
-  are recomputed). Checked against autograd through the naive loop in tests/test_ops.py.
+  autograd functions with the chain rule written out that loop over chunks of whole
+  segments (one segment for the delta states) sized by CHUNK_ELEMENTS: on CPU every
+  temporary stays cache-sized, on GPU a chunk usually holds all segments. Nothing but the
+  inputs and the small states is kept for backward (sigma and the reads are recomputed).
+  Checked against autograd through the naive loop in tests/test_ops.py.
 - Optional activation checkpointing in blocks of segments: only the memory state at block
   boundaries is kept for backward, the rest is recomputed.
 
@@ -143,9 +144,34 @@ def local_attention(
     return _unfold(local_attention_folded(q, k, v, segment_length, scale), q.shape[0], q.shape[1])
 
 
+#: Elements per temporary of the per-chunk loops: about 2 MB of float32 on CPU, so each chunk's
+#: work stays in cache (measured: tools/bench_attention.py); elsewhere 128 MB, plenty of work
+#: per kernel launch while bounding the transient memory.
+CHUNK_ELEMENTS = {"cpu": 1 << 19}
+CHUNK_ELEMENTS_DEFAULT = 1 << 25
+
+
 def _segments(s: int, N: int):
     """(index, start, length) of each segment; the last one may be shorter."""
     return [(j, start, min(N, s - start)) for j, start in enumerate(range(0, s, N))]
+
+
+def _chunks(x: torch.Tensor, N: int):
+    """Runs of whole segments of x [s, b, h, d] sized to CHUNK_ELEMENTS, and a short last
+    segment on its own: (first segment, segments C, segment length T, first row)."""
+    s, b, h, d = x.shape
+    limit = CHUNK_ELEMENTS.get(x.device.type, CHUNK_ELEMENTS_DEFAULT)
+    C = max(1, limit // (N * b * h * d))
+    full = s // N
+    out = [(j, min(C, full - j), N, j * N) for j in range(0, full, C)]
+    if s % N:
+        out.append((full, 1, s % N, full * N))
+    return out
+
+
+def _chunk_heads(x: torch.Tensor, start: int, C: int, T: int) -> torch.Tensor:
+    """Rows [start, start + C*T) of [s, b, h, d] as a (b, h, C, T, d) view: C segments of T."""
+    return x[start:start + C * T].unflatten(0, (C, T)).permute(2, 3, 0, 1, 4)
 
 
 def _heads(x: torch.Tensor, start: int, T: int) -> torch.Tensor:
@@ -164,31 +190,30 @@ def _sigma_(x: torch.Tensor) -> torch.Tensor:
 
 
 def _per_query_head(Mz: torch.Tensor, g: int) -> torch.Tensor:
-    """(b, hkv, dk, e) -> (b, hkv * g, dk, e): each key/value head's memory for its g query heads."""
+    """(b, hkv, ...) -> (b, hkv * g, ...): each key/value head's memory for its g query heads."""
     if g == 1:
         return Mz
-    b, hkv, dk, e = Mz.shape
-    return Mz.unsqueeze(2).expand(b, hkv, g, dk, e).reshape(b, hkv * g, dk, e)
+    b, hkv, *rest = Mz.shape
+    return Mz.unsqueeze(2).expand(b, hkv, g, *rest).reshape(b, hkv * g, *rest)
 
 
 class _LinearDeltas(torch.autograd.Function):
     """Per-segment memory deltas of the linear rule, M and z side by side:
     dMz[j] = [sigma(K_j)^T V_j | sum_t sigma(K_j,t)]  (n, b, hkv, dk, dv + 1), float32.
 
-    One segment at a time in forward and backward, so every temporary is a segment's worth
-    (cache-sized) and nothing but k and v is kept for backward (sigma(K_j) is recomputed).
+    A chunk of segments at a time in forward and backward, so every temporary is cache-sized
+    and nothing but k and v is kept for backward (sigma(K_j) is recomputed).
     """
 
     @staticmethod
     def forward(ctx, k, v, N):
         s, b, hkv, dk = k.shape
         dv = v.shape[3]
-        segs = _segments(s, N)
-        dMz = torch.empty(len(segs), b, hkv, dk, dv + 1, dtype=torch.float32, device=k.device)
-        for j, start, T in segs:
-            sk = _sigma_(_heads(k, start, T))  # (b, hkv, T, dk)
-            dMz[j, ..., :dv] = sk.transpose(-1, -2) @ _heads(v, start, T).float()
-            dMz[j, ..., dv] = sk.sum(dim=-2)
+        dMz = torch.empty(-(-s // N), b, hkv, dk, dv + 1, dtype=torch.float32, device=k.device)
+        for j, C, T, start in _chunks(k, N):
+            sk = _sigma_(_chunk_heads(k, start, C, T))  # (b, hkv, C, T, dk)
+            dMz[j:j + C, ..., :dv] = (sk.transpose(-1, -2) @ _chunk_heads(v, start, C, T).float()).permute(2, 0, 1, 3, 4)
+            dMz[j:j + C, ..., dv] = sk.sum(dim=-2).permute(2, 0, 1, 3)
         ctx.save_for_backward(k, v)
         ctx.N = N
         return dMz
@@ -200,12 +225,13 @@ class _LinearDeltas(torch.autograd.Function):
         dv = v.shape[3]
         grad_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-        for j, start, T in _segments(k.shape[0], ctx.N):
-            sk = _sigma_(_heads(k, start, T))  # (b, hkv, T, dk)
-            gM, gz = grad[j, ..., :dv], grad[j, ..., dv:]  # (b, hkv, dk, dv), (b, hkv, dk, 1)
-            g_sk = _heads(v, start, T).float() @ gM.transpose(-1, -2) + gz.transpose(-1, -2)  # (b, hkv, T, dk)
-            _heads(grad_v, start, T).copy_(sk @ gM)
-            _heads(grad_k, start, T).copy_(g_sk.mul_(sk.clamp_(max=1.0)))  # sigma'(k) = min(sigma(k), 1)
+        for j, C, T, start in _chunks(k, ctx.N):
+            sk = _sigma_(_chunk_heads(k, start, C, T))  # (b, hkv, C, T, dk)
+            G = grad[j:j + C].permute(1, 2, 0, 3, 4)  # (b, hkv, C, dk, dv + 1)
+            gM, gz = G[..., :dv], G[..., dv:]
+            g_sk = _chunk_heads(v, start, C, T).float() @ gM.transpose(-1, -2) + gz.transpose(-1, -2)  # (b, hkv, C, T, dk)
+            _chunk_heads(grad_v, start, C, T).copy_(sk @ gM)
+            _chunk_heads(grad_k, start, C, T).copy_(g_sk.mul_(sk.clamp_(max=1.0)))  # sigma'(k) = min(sigma(k), 1)
         return grad_k, grad_v, None
 
 
@@ -277,7 +303,7 @@ def _delta_values(read: torch.Tensor, v: torch.Tensor, eps: float, out: Optional
 
 
 class _RetrieveAndGate(torch.autograd.Function):
-    """Memory retrieval and gate, one segment at a time:
+    """Memory retrieval and gate, a chunk of segments at a time:
 
         out_j = (1 - beta) * A_dot_j + beta * (sigma(Q_j) M_{j-1}) / (sigma(Q_j) z_{j-1} + eps)
 
@@ -285,10 +311,10 @@ class _RetrieveAndGate(torch.autograd.Function):
     segment; a_dot the local attention in folded layout [b*n, hq, N, dv]; beta [hq] float32
     (the sigmoid of the gate). Returns [s, b, hq, dv] in q's dtype.
 
-    Written as one autograd function so that retrieval, normalisation and gate run on a
-    segment's worth of cache-resident temporaries, forward and backward, instead of a dozen
-    passes over sequence-sized tensors; backward recomputes sigma(Q_j) and the retrieval
-    (one small matmul) instead of keeping them.
+    Written as one autograd function so that retrieval, normalisation and gate run on
+    cache-sized temporaries, forward and backward, instead of a dozen passes over
+    sequence-sized tensors; backward recomputes sigma(Q_j) and the retrieval (one small
+    matmul) instead of keeping them.
     """
 
     @staticmethod
@@ -297,13 +323,14 @@ class _RetrieveAndGate(torch.autograd.Function):
         hkv, dv = Mz.shape[2], Mz.shape[4] - 1
         N = a_dot.shape[2]
         a_seg = a_dot.view(b, -1, hq, N, dv)
-        bcol = beta.view(hq, 1, 1)
+        bcol = beta.view(hq, 1, 1, 1)
         out = torch.empty(s, b, hq, dv, dtype=q.dtype, device=q.device)
-        for j, start, T in _segments(s, N):
-            nd = _sigma_(_heads(q, start, T)) @ _per_query_head(Mz[j], hq // hkv)  # (b, hq, T, dv + 1)
-            w = bcol / (nd[..., dv:] + eps)  # (b, hq, T, 1)
-            o = torch.addcmul(a_seg[:, j, :, :T].float() * (1.0 - bcol), nd[..., :dv], w)
-            _heads(out, start, T).copy_(o)
+        for j, C, T, start in _chunks(q, N):
+            Mzq = _per_query_head(Mz[j:j + C].permute(1, 2, 0, 3, 4), hq // hkv)  # (b, hq, C, dk, dv + 1)
+            nd = _sigma_(_chunk_heads(q, start, C, T)) @ Mzq  # (b, hq, C, T, dv + 1)
+            w = bcol / (nd[..., dv:] + eps)  # (b, hq, C, T, 1)
+            a = a_seg[:, j:j + C, :, :T].transpose(1, 2).float()  # (b, hq, C, T, dv)
+            _chunk_heads(out, start, C, T).copy_(torch.addcmul(a * (1.0 - bcol), nd[..., :dv], w))
         ctx.save_for_backward(q, Mz, a_dot, beta)
         ctx.eps = eps
         return out
@@ -317,30 +344,32 @@ class _RetrieveAndGate(torch.autograd.Function):
         g = hq // hkv
         N = a_dot.shape[2]
         a_seg = a_dot.view(b, -1, hq, N, dv)
-        bcol = beta.view(hq, 1, 1)
+        bcol = beta.view(hq, 1, 1, 1)
         grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         grad_Mz = torch.empty_like(Mz)
         grad_a = torch.empty_like(a_dot)
         ga_seg = grad_a.view(b, -1, hq, N, dv)
         ga_seg[:, -1, :, s - (ga_seg.shape[1] - 1) * N:] = 0.0  # rows past s: padding of the last segment
         grad_beta = torch.zeros(hq, dtype=torch.float32, device=q.device)
-        for j, start, T in _segments(s, N):
-            sq = _sigma_(_heads(q, start, T))  # (b, hq, T, dk)
-            Mzq = _per_query_head(Mz[j], g)  # (b, hq, dk, dv + 1)
-            nd = sq @ Mzq
-            den = nd[..., dv:] + ctx.eps  # (b, hq, T, 1)
+        for j, C, T, start in _chunks(q, N):
+            sq = _sigma_(_chunk_heads(q, start, C, T))  # (b, hq, C, T, dk)
+            Mzq = _per_query_head(Mz[j:j + C].permute(1, 2, 0, 3, 4), g)  # (b, hq, C, dk, dv + 1)
+            nd = sq @ Mzq  # (b, hq, C, T, dv + 1)
+            den = nd[..., dv:] + ctx.eps
             w = bcol / den
-            go = _heads(grad_out, start, T).float()  # (b, hq, T, dv)
-            ga_seg[:, j, :, :T] = go * (1.0 - bcol)
-            p = (go * nd[..., :dv]).sum(dim=-1, keepdim=True)  # grad . num, (b, hq, T, 1)
-            r = (go * a_seg[:, j, :, :T].float()).sum(dim=-1, keepdim=True)  # grad . A_dot
-            grad_beta += (p / den - r).sum(dim=(0, 2, 3))
+            go = _chunk_heads(grad_out, start, C, T).float()  # (b, hq, C, T, dv)
+            ga_seg[:, j:j + C, :, :T] = (go * (1.0 - bcol)).transpose(1, 2)
+            p = (go * nd[..., :dv]).sum(dim=-1, keepdim=True)  # grad . num
+            r = (go * a_seg[:, j:j + C, :, :T].transpose(1, 2).float()).sum(dim=-1, keepdim=True)  # grad . A_dot
+            grad_beta += (p / den - r).sum(dim=(0, 2, 3, 4))
             g_nd = torch.empty_like(nd)  # d/d[num | den]
             torch.mul(go, w, out=g_nd[..., :dv])
             torch.mul(p, w.div_(den).neg_(), out=g_nd[..., dv:])
-            g_Mzq = sq.transpose(-1, -2) @ g_nd  # (b, hq, dk, dv + 1)
-            grad_Mz[j] = g_Mzq.view(b, hkv, g, dk, dv + 1).sum(dim=2) if g > 1 else g_Mzq
-            _heads(grad_q, start, T).copy_((g_nd @ Mzq.transpose(-1, -2)).mul_(sq.clamp_(max=1.0)))
+            g_Mzq = sq.transpose(-1, -2) @ g_nd  # (b, hq, C, dk, dv + 1)
+            if g > 1:
+                g_Mzq = g_Mzq.unflatten(1, (hkv, g)).sum(dim=2)
+            grad_Mz[j:j + C] = g_Mzq.permute(2, 0, 1, 3, 4)
+            _chunk_heads(grad_q, start, C, T).copy_((g_nd @ Mzq.transpose(-1, -2)).mul_(sq.clamp_(max=1.0)))
         return grad_q, grad_Mz, grad_a, grad_beta, None
 
 

@@ -39,9 +39,10 @@ class MegatronMPU:
     get_pipeline_model_parallel_group = staticmethod(ps.get_pipeline_model_parallel_group)
 
 
-def is_gate(name: str, param: torch.nn.Parameter) -> bool:
-    """The Infini gate logits beta (one per head)."""
-    return bool(getattr(param, "infini_gate", False)) or name.endswith(".gate")
+def is_gate(param: torch.nn.Parameter) -> bool:
+    """The Infini gate logits beta (one per head), marked by `InfiniCoreAttention`. Not by name:
+    other modules call parameters "gate" too (mixture-of-experts routers, gated MLPs)."""
+    return bool(getattr(param, "infini_gate", False))
 
 
 def param_groups(model: torch.nn.Module, cfg: Config) -> List[Dict[str, Any]]:
@@ -53,7 +54,7 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> List[Dict[str, Any]]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if is_gate(name, p):
+        if is_gate(p):
             gates.append(p)
         elif p.dim() < 2 or name.endswith(".bias"):
             no_decay.append(p)
