@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Benchmark the Infini-attention op against full causal attention and the naive segment loop.
 
-Every case runs in a fresh child process (so peak memory is that case's own) and reports the
-median forward+backward time, peak memory, achieved FLOP/s and its share of this machine's
-measured matmul rate. Ratios are computed within the same run.
+Every case runs in a child process of its own (so peak memory is that case's own) and reports
+the median forward+backward time, peak memory, achieved FLOP/s and its share of this machine's
+measured matmul rate. The cases of one length are timed round-robin, and each ratio is the
+median over rounds of the ratio within a round, so a shared machine's drifts cancel out.
 
     python tools/bench_attention.py                        # CPU defaults: 2K..32K, fp32
     python tools/bench_attention.py --device cuda --dtype bf16 --lengths 32768,131072
@@ -48,8 +49,9 @@ def matmul_rate(device: str, dtype: str) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
-def _case(args: dict) -> dict:
-    """Run one (impl, update, length) case; executed in a child process."""
+def _worker(conn, args: dict) -> None:
+    """One (impl, update, length) case in its own process: warm up, then run one timed
+    forward+backward per "go" from the parent, and report its peak memory at "stop"."""
     import resource
 
     import torch
@@ -84,6 +86,7 @@ def _case(args: dict) -> dict:
         base = torch.cuda.memory_allocated()
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
     def timed():
         _sync(dev)
         t0 = time.perf_counter()
@@ -92,15 +95,12 @@ def _case(args: dict) -> dict:
         return time.perf_counter() - t0
 
     # Warm-up: the first runs also pay for page-faulting fresh allocations in (a second one
-    # for cases short enough to afford it), then timed repeats until the budget is spent.
-    deadline = time.perf_counter() + args["budget_s"]
+    # for cases short enough to afford it).
     if timed() < 5.0:
         timed()
-    times = []
-    for _ in range(args["repeats"]):
-        times.append(timed())
-        if time.perf_counter() > deadline:
-            break
+    conn.send("ready")
+    while conn.recv() == "go":
+        conn.send(timed())
     if dev == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
@@ -109,14 +109,46 @@ def _case(args: dict) -> dict:
         fwd = causal_attention_flops(s, b, hq, d, d)
     else:
         fwd = infini_attention_flops(s, b, hq, hkv, d, d, N, update)
-    t = statistics.median(times)
-    return dict(args, time_s=t, runs=len(times), peak_bytes=peak, flops=3 * fwd, flops_per_s=3 * fwd / t)
+    conn.send(dict(peak_bytes=peak, flops=3 * fwd))
 
 
-def run_case(args: dict) -> dict:
+def run_interleaved(cases: list, repeats: int, budget_s: float) -> list:
+    """Run the cases of one length round-robin, one process each (started one after the
+    other, so warm-ups don't overlap): round r times every case once, so cases compared in
+    a ratio are timed seconds apart and slow drifts of a shared machine hit them alike."""
     ctx = mp.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(_case, (args,))
+    workers = []
+    try:
+        for case in cases:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(child, case), daemon=True)
+            proc.start()
+            if parent.recv() != "ready":
+                raise RuntimeError(f"benchmark worker failed: {case}")
+            workers.append((proc, parent))
+        rounds = []
+        deadline = time.perf_counter() + budget_s
+        for _ in range(repeats):
+            row = []
+            for _, conn in workers:
+                conn.send("go")
+                row.append(conn.recv())
+            rounds.append(row)
+            if time.perf_counter() > deadline:
+                break
+        results = []
+        for i, (case, (proc, conn)) in enumerate(zip(cases, workers)):
+            conn.send("stop")
+            info = conn.recv()
+            times = [row[i] for row in rounds]
+            t = statistics.median(times)
+            results.append(dict(case, **info, time_s=t, times_s=times, runs=len(times), flops_per_s=info["flops"] / t))
+        return results
+    finally:
+        for proc, _ in workers:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
 
 
 def main(argv=None) -> int:
@@ -132,7 +164,7 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--segment", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--budget-s", type=float, default=60.0, help="stop repeating a case after this long")
+    p.add_argument("--budget-s", type=float, default=300.0, help="stop adding rounds at a length after this long")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--malloc", default="tuned", choices=["tuned", "default"],
                    help="tuned (default): every case runs with GLIBC_TUNABLES raising glibc's mmap/trim "
@@ -160,36 +192,45 @@ def main(argv=None) -> int:
     print(f"# {name}, torch {torch.__version__}, {dtype}; measured matmul rate {peak / 1e9:.1f} GFLOP/s; "
           f"malloc {a.malloc}" + (f" (GLIBC_TUNABLES={MALLOC_TUNABLES})" if a.malloc == "tuned" else ""))
     print(f"# b={a.batch} hq={a.heads} hkv={a.kv_heads or a.heads} d={a.head_dim} segment={a.segment}; "
-          "forward+backward, median of repeats, each case in a fresh process")
+          "forward+backward, median of repeats, cases of a length timed round-robin, each in its own process")
 
     results = []
     for s in lengths:
-        for impl in impls:
-            for update in (updates if impl != "full" else ["-"]):
-                case = dict(device=a.device, dtype=dtype, s=s, b=a.batch, hq=a.heads, hkv=a.kv_heads or a.heads,
-                            d=a.head_dim, N=a.segment, impl=impl, update=update, repeats=a.repeats,
-                            budget_s=a.budget_s)
-                r = run_case(case)
-                r["share_of_matmul"] = r["flops_per_s"] / peak
-                results.append(r)
-                print(f"  s={s:>7} {impl:>5} {update:>6}: {r['time_s'] * 1e3:10.1f} ms  "
-                      f"peak {r['peak_bytes'] / 2**20:8.1f} MiB  {r['flops_per_s'] / 1e9:7.1f} GFLOP/s "
-                      f"({100 * r['share_of_matmul']:4.1f}% of matmul)", flush=True)
+        cases = [dict(device=a.device, dtype=dtype, s=s, b=a.batch, hq=a.heads, hkv=a.kv_heads or a.heads,
+                      d=a.head_dim, N=a.segment, impl=impl, update=update)
+                 for impl in impls for update in (updates if impl != "full" else ["-"])]
+        for r in run_interleaved(cases, a.repeats, a.budget_s):
+            r["share_of_matmul"] = r["flops_per_s"] / peak
+            results.append(r)
+            print(f"  s={s:>7} {r['impl']:>5} {r['update']:>6}: {r['time_s'] * 1e3:10.1f} ms  "
+                  f"peak {r['peak_bytes'] / 2**20:8.1f} MiB  {r['flops_per_s'] / 1e9:7.1f} GFLOP/s "
+                  f"({100 * r['share_of_matmul']:4.1f}% of matmul), {r['runs']} runs", flush=True)
 
-    def t(s, impl, update):
+    def case(s, impl, update):
         for r in results:
             if r["s"] == s and r["impl"] == impl and r["update"] in (update, "-"):
-                return r["time_s"]
+                return r
         return None
+
+    def t(s, impl, update):
+        r = case(s, impl, update)
+        return r["time_s"] if r else None
+
+    def ratio(s, impl, update):
+        """Median over rounds of t(impl) / t(fast): both timed in the same round."""
+        r, f = case(s, impl, update), case(s, "fast", update)
+        if not r or not f:
+            return "-"
+        return f"{statistics.median(x / y for x, y in zip(r['times_s'], f['times_s'])):.1f}x"
 
     print("\n| length | update | fast (ms) | naive (ms) | full causal (ms) | full / fast | naive / fast |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for s in lengths:
         for update in updates:
-            f, n, full = t(s, "fast", update), t(s, "naive", update), t(s, "full", update)
             fmt = lambda x: f"{x * 1e3:.0f}" if x else "-"
-            ratio = lambda x: f"{x / f:.1f}x" if x and f else "-"
-            print(f"| {s} | {update} | {fmt(f)} | {fmt(n)} | {fmt(full)} | {ratio(full)} | {ratio(n)} |")
+            print(f"| {s} | {update} | {fmt(t(s, 'fast', update))} | {fmt(t(s, 'naive', update))} | "
+                  f"{fmt(t(s, 'full', update))} | {ratio(s, 'full', update)} | {ratio(s, 'naive', update)} |")
+    print("(ratios: median over rounds of the per-round ratio)")
     if "fast" in impls:
         for lo, hi in zip(lengths, lengths[1:]):
             for update in updates:
