@@ -4,7 +4,7 @@
 share one contract; see `fast.infini_attention` for shapes and dtypes.
 """
 
-from ._common import EPS, UPDATE_RULES, empty_memory, sigma
+from ._common import EPS, UPDATE_RULES, empty_memory, pack_memory, sigma, unpack_memory
 from .context import infini_attention_deferred, memory_delta
 from .fast import infini_attention, local_attention
 from .naive import infini_attention_naive
@@ -18,5 +18,7 @@ __all__ = [
     "infini_attention_naive",
     "local_attention",
     "memory_delta",
+    "pack_memory",
     "sigma",
+    "unpack_memory",
 ]

@@ -46,6 +46,17 @@ def empty_memory(b: int, hkv: int, dk: int, dv: int, device=None) -> Memory:
     )
 
 
+def pack_memory(M: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """(M [b, h, dk, dv], z [b, h, dk]) -> Mz = [M | z] [b, h, dk, dv + 1] float32: one tensor,
+    for one matmul reading retrieval and normaliser, or one message between ranks."""
+    return torch.cat([M, z.unsqueeze(-1)], dim=-1).contiguous()
+
+
+def unpack_memory(packed: torch.Tensor) -> Memory:
+    """Inverse of `pack_memory` (views, no copy)."""
+    return packed[..., :-1], packed[..., -1]
+
+
 def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(d) for d in t.shape) + "]"
 

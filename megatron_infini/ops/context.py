@@ -18,8 +18,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from ._common import EPS, Memory, check_inputs, sigma
-from .fast import _forward, local_attention_folded
+from ._common import EPS, Memory, check_inputs, unpack_memory
+from .fast import _forward, _LinearDeltas, local_attention_folded
 
 
 def memory_delta(k: torch.Tensor, v: torch.Tensor) -> Memory:
@@ -32,10 +32,7 @@ def memory_delta(k: torch.Tensor, v: torch.Tensor) -> Memory:
     """
     if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
         raise ValueError(f"k [s, b, hkv, dk] and v [s, b, hkv, dv] must agree, got {tuple(k.shape)} and {tuple(v.shape)}")
-    sk = sigma(k)  # [s, b, hkv, dk] float32
-    dM = torch.einsum("sbhk,sbhv->bhkv", sk, v.float())  # [b, hkv, dk, dv]
-    dz = sk.sum(dim=0)  # [b, hkv, dk]
-    return dM, dz
+    return unpack_memory(_LinearDeltas.apply(k, v, k.shape[0])[0])  # the whole block as one segment
 
 
 def infini_attention_deferred(

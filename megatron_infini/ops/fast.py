@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from ._common import EPS, Memory, check_inputs, empty_memory
+from ._common import EPS, Memory, check_inputs, empty_memory, pack_memory, unpack_memory
 
 
 def infini_attention(
@@ -376,14 +376,14 @@ class _RetrieveAndGate(torch.autograd.Function):
 def _forward(q, k, v, gate, q_local, k_local, M0, z0, N, update, scale, eps, a_dot=None):
     """The op over one block. `a_dot`: the local attention in folded layout [b*n, hq, N, dv]
     when already computed (see `ops.context.infini_attention_deferred`), else computed here."""
-    s, dv = q.shape[0], v.shape[3]
+    s = q.shape[0]
     N = min(N, s)  # one short segment when the input is shorter than a segment
     if a_dot is None:
         a_dot = local_attention_folded(q_local, k_local, v, N, scale)  # [b*n, hq, N, dv]
 
     # Memory path in float32, M and z side by side as Mz = [M | z] (b, hkv, dk, dv + 1), so one
     # matmul reads both the retrieval and its normaliser.
-    Mz0 = torch.cat([M0, z0.unsqueeze(-1)], dim=-1)
+    Mz0 = pack_memory(M0, z0)
     if update == "linear":  # state before segment j: exclusive prefix sum of the deltas
         cum = torch.cumsum(_LinearDeltas.apply(k, v, N), dim=0)  # (n, b, hkv, dk, dv + 1)
         Mz_prev = torch.cat([Mz0.unsqueeze(0), Mz0 + cum[:-1]], dim=0)
@@ -393,4 +393,5 @@ def _forward(q, k, v, gate, q_local, k_local, M0, z0, N, update, scale, eps, a_d
         Mz_prev, Mz_last = states[:-1], states[-1]
 
     out = _RetrieveAndGate.apply(q, Mz_prev, a_dot, torch.sigmoid(gate.float()), eps)  # [s, b, hq, dv]
-    return out, (Mz_last[..., :dv].contiguous(), Mz_last[..., dv].contiguous())
+    M_last, z_last = unpack_memory(Mz_last)
+    return out, (M_last.contiguous(), z_last.contiguous())

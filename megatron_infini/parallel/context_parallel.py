@@ -40,7 +40,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_infini.ops import empty_memory, infini_attention, infini_attention_deferred, memory_delta
+from megatron_infini.ops import (
+    empty_memory, infini_attention, infini_attention_deferred, memory_delta, pack_memory, unpack_memory,
+)
 
 Memory = Tuple[torch.Tensor, torch.Tensor]
 
@@ -64,16 +66,6 @@ class CommCounter:
     def reset(self) -> None:
         self.bytes_by_kind.clear()
         self.messages = 0
-
-
-def pack_memory(M: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """(M [b, h, dk, dv], z [b, h, dk]) -> [b, h, dk, dv + 1] float32, one message."""
-    return torch.cat([M, z.unsqueeze(-1)], dim=-1).contiguous()
-
-
-def unpack_memory(packed: torch.Tensor) -> Memory:
-    """Inverse of `pack_memory`."""
-    return packed[..., :-1], packed[..., -1]
 
 
 def contiguous_chunk(seq_length: int, cp_rank: int, cp_size: int, segment_length: Optional[int] = None) -> slice:
