@@ -25,6 +25,7 @@ from typing import Any, Callable, List, Optional
 
 import torch
 import torch.multiprocessing as mp
+from torch.testing import assert_close
 
 
 def free_port() -> int:
@@ -114,3 +115,16 @@ def gather_full(t, p):
     dim, stride = p.partition_dim, p.partition_stride
     chunks = [part.chunk(stride, dim=dim) for part in parts]
     return torch.cat([chunks[r][j] for j in range(stride) for r in range(tp)], dim=dim)
+
+
+#: Tolerance of the distributed equivalence tests (float32, reductions in different orders).
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+def assert_same(res, ref, what):
+    """Two runs' dict(loss, logits, grads={name: full tensor}) agree within TOL."""
+    assert_close(res["loss"], ref["loss"], **TOL, msg=f"{what}: loss")
+    assert_close(res["logits"], ref["logits"], **TOL, msg=f"{what}: logits")
+    assert res["grads"].keys() == ref["grads"].keys(), what
+    for n in ref["grads"]:
+        assert_close(res["grads"][n], ref["grads"][n], **TOL, msg=lambda m: f"{what}: grad {n}\n{m}")

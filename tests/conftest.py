@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from train_utils import train
 
 
 def pytest_collection_modifyitems(config, items):
@@ -16,3 +17,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def debug_run(tmp_path_factory):
+    """A 2-step debug-model training run with checkpoints, shared (read-only) by the CLI tests."""
+    run = train(tmp_path_factory.mktemp("debug") / "run", "train.steps=2", "train.eval_interval=0",
+                "deepspeed.zero_stage=0", nproc=0)
+    assert run.returncode == 0, run.output[-3000:]
+    return run.run_dir

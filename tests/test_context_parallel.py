@@ -13,14 +13,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from _dist import gather_full, reinit_model_parallel, run_distributed
+from _dist import TOL, assert_same, gather_full, reinit_model_parallel, run_distributed
 from torch.testing import assert_close
 
 TINY = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
             ffn_hidden_size=128, segment_length=16, use_cpu_initialization=True)
 VOCAB, S, B = 128, 64, 2
 GATES = torch.tensor([-1.0, -0.3, 0.4, 1.2])
-TOL = dict(rtol=1e-4, atol=1e-5)
 
 
 def _ps():
@@ -88,14 +87,6 @@ def step(model, ids, labels):
             dist.all_reduce(g, group=cp_group)  # the dp x cp gradient reduction
             grads[name] = gather_full(g, p)
     return dict(loss=total, logits=logits, grads=grads)
-
-
-def assert_same(res, ref, what):
-    assert_close(res["loss"], ref["loss"], **TOL, msg=f"{what}: loss")
-    assert_close(res["logits"], ref["logits"], **TOL, msg=f"{what}: logits")
-    assert res["grads"].keys() == ref["grads"].keys(), what
-    for n in ref["grads"]:
-        assert_close(res["grads"][n], ref["grads"][n], **TOL, msg=lambda m: f"{what}: grad {n}\n{m}")
 
 
 def _refs(ids, labels):
@@ -178,12 +169,12 @@ def test_tp2_cp2_equals_tp1_cp1():
 
 # --------------------------------------------------------------------------- single process
 def test_memory_delta_is_the_linear_final_memory():
-    from megatron_infini.ops import infini_attention, infini_attention_deferred, memory_delta
+    from megatron_infini.ops import infini_attention, infini_attention_deferred, infini_attention_naive, memory_delta
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(37, 2, h, 8, generator=g) for h in (4, 2, 2))
     gate = torch.randn(4, generator=g)
-    out, (M, z) = infini_attention(q, k, v, gate, segment_length=8)
+    out, (M, z) = infini_attention_naive(q, k, v, gate, segment_length=8)  # independent of the fast op's code
     dM, dz = memory_delta(k, v)
     assert_close(dM, M, **TOL)
     assert_close(dz, z, **TOL)

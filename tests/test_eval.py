@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from _dist import run_distributed
-from train_utils import REPO, train
+from train_utils import REPO, run_cli, train
 
 
 @pytest.fixture(scope="module")
@@ -96,25 +96,9 @@ def test_streamed_perplexity_equals_one_forward():
     assert run_distributed(_check_streamed_perplexity, 1) == [True]
 
 
-@pytest.fixture(scope="module")
-def debug_run(tmp_path_factory):
-    run = train(tmp_path_factory.mktemp("eval") / "run", "train.steps=2", "train.eval_interval=0",
-                "deepspeed.zero_stage=0", nproc=0)
-    assert run.returncode == 0, run.output[-3000:]
-    return run.run_dir
-
-
-def _cli(*args, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", WANDB_MODE="disabled")
-    proc = subprocess.run([sys.executable, "-m", "megatron_infini.cli", *args], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    return proc.stdout
-
-
 def test_eval_commands_end_to_end(debug_run, tmp_path):
     out = tmp_path / "passkey.json"
-    text = _cli("eval", "passkey", "--checkpoint", os.path.join(debug_run, "checkpoints"), "--lengths", "200,300",
+    text = run_cli("eval", "passkey", "--checkpoint", os.path.join(debug_run, "checkpoints"), "--lengths", "200,300",
                 "--depths", "0,1", "--samples", "2", "--no-memory", "--json", str(out))
     res = json.loads(out.read_text())
     assert set(res["results"]) == {"on", "off"}
@@ -122,12 +106,12 @@ def test_eval_commands_end_to_end(debug_run, tmp_path):
     assert set(res["results"]["on"]["table"]["200"]) == {"0", "1"}
     assert "passkey accuracy, memory on" in text and "passkey accuracy, memory off" in text
     out = tmp_path / "ppl.json"
-    text = _cli("eval", "perplexity", "--checkpoint", debug_run, "--max-tokens", "700", "--json", str(out))
+    text = run_cli("eval", "perplexity", "--checkpoint", debug_run, "--max-tokens", "700", "--json", str(out))
     res = json.loads(out.read_text())
     assert res["bins"][-1]["segments"] == [8, 10] and res["overall"]["ppl_memory_off"] > 1
     assert "ppl mem off" in text
     data = tmp_path / "ft"
-    _cli("eval", "passkey-data", "--out", str(data), "--length", "300", "--samples", "8")
+    run_cli("eval", "passkey-data", "--out", str(data), "--length", "300", "--samples", "8")
     assert os.path.isfile(str(data) + "/passkey_train.bin") and os.path.isfile(str(data) + "/passkey_train.jsonl")
 
 

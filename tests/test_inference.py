@@ -3,14 +3,11 @@ with the input; the `generate` command end to end on a checkpoint written by the
 
 import json
 import os
-import subprocess
-import sys
 
-import pytest
 import torch
 
 from _dist import run_distributed
-from train_utils import REPO, train
+from train_utils import run_cli
 
 VOCAB = 256
 
@@ -80,20 +77,8 @@ def test_top_p_sampling_keeps_the_nucleus():
     assert int(sample_next(logits, 0.0)) == 0
 
 
-@pytest.fixture(scope="module")
-def debug_run(tmp_path_factory):
-    run = train(tmp_path_factory.mktemp("gen") / "run", "train.steps=2", "train.eval_interval=0",
-                "deepspeed.zero_stage=0", nproc=0)
-    assert run.returncode == 0, run.output[-3000:]
-    return run.run_dir
-
-
-def _generate(*args, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "megatron_infini.cli", "generate", *args], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    return proc.stdout
+def _generate(*args):
+    return run_cli("generate", *args)
 
 
 def test_generate_cli_accepts_run_checkpoints_and_iter_dirs(debug_run, tmp_path):

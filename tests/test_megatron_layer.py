@@ -13,14 +13,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _dist import gather_full, reinit_model_parallel, run_distributed
+from _dist import TOL, assert_same, gather_full, reinit_model_parallel, run_distributed
 from torch.testing import assert_close
 
 TINY = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
             ffn_hidden_size=128, segment_length=16, use_cpu_initialization=True)
 VOCAB, S, B = 128, 40, 2
 GATES = torch.tensor([-1.0, -0.3, 0.4, 1.2])  # distinct per head: a head mix-up shows
-TOL = dict(rtol=1e-4, atol=1e-5)
 #: GPT-2 style (LayerNorm with bias, GELU, biases) with per-head q/k LayerNorm.
 GPT2_QK = dict(normalization="LayerNorm", gated_linear_unit=False, activation_func=F.gelu,
                add_bias_linear=True, qk_layernorm=True, memory_update="delta")
@@ -87,14 +86,6 @@ def step(model, ids, labels):
         params={n: gather_full(p, p) for n, p in model.named_parameters()},
         grads={n: gather_full(p.grad, p) for n, p in model.named_parameters()},
     )
-
-
-def assert_same(res, ref, what):
-    assert_close(res["loss"], ref["loss"], **TOL, msg=f"{what}: loss")
-    assert_close(res["logits"], ref["logits"], **TOL, msg=f"{what}: logits")
-    assert res["grads"].keys() == ref["grads"].keys(), what
-    for n in ref["grads"]:
-        assert_close(res["grads"][n], ref["grads"][n], **TOL, msg=lambda m: f"{what}: grad {n}\n{m}")
 
 
 # ----------------------------------------------------- reference: ordinary causal attention

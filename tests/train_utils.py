@@ -54,3 +54,12 @@ def train(run_dir, *overrides, nproc: int = 2, config: str = DEBUG_CONFIG, timeo
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=timeout)
     return Run(proc.returncode, proc.stdout, str(run_dir))
+
+
+def run_cli(*args, timeout: float = 300) -> str:
+    """`python -m megatron_infini.cli ARGS` from the repository root; asserts success, returns the output."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", WANDB_MODE="disabled")
+    proc = subprocess.run([sys.executable, "-m", "megatron_infini.cli", *args], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    return proc.stdout
