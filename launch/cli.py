@@ -174,6 +174,10 @@ def submit(args) -> int:
         raise LaunchError(f"--rank-exit-wait={args.rank_exit_wait}: give at least 1 second")
     if args.write_gbps <= 0:
         raise LaunchError(f"--write-gbps={args.write_gbps:g}: give a bandwidth > 0")
+    if args.cpus_per_task is not None and args.cpus_per_task < 0:
+        raise LaunchError(f"--cpus-per-task={args.cpus_per_task}: give a count >= 1 (or 0: do not ask)")
+    if args.omp_threads is not None and args.omp_threads < 1:
+        raise LaunchError(f"--omp-threads={args.omp_threads}: give a count >= 1")
     notes = check_job(cfg, args.nodes, procs, args.gpus_per_node, args.gpu_memory_gb,
                       args.allow_local_run_dir, args.skip_memory_check)
     save_note, warnings = check_save_time(cfg, args.write_gbps, args.signal_seconds, args.grace_seconds)

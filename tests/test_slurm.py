@@ -150,8 +150,10 @@ def test_dry_run_renders_the_sbatch_script(config, tmp_path):
     assert "NPROC_PER_NODE=2" in cpu and "export CUDA_VISIBLE_DEVICES=" in cpu and "#SBATCH --gpus-per-node" not in cpu
     assert "#SBATCH --cpus-per-task=3" in cpu and "#SBATCH --mem=0" in cpu and "#SBATCH --exclusive" not in cpu
     assert "OMP_NUM_THREADS=${OMP_NUM_THREADS:-3}" in cpu
-    r = launch("submit", "--config", config, "--gpus-per-node", 0, "--dry-run", "--mem", "lots", f"run_dir={tmp_path}/r")
-    assert r.returncode == 2 and "--mem" in r.stderr and "Traceback" not in r.stderr
+    for bad, flag in ((["--mem", "lots"], "--mem"), (["--cpus-per-task", -1], "--cpus-per-task"),
+                      (["--omp-threads", 0], "--omp-threads"), (["--write-gbps", 0], "--write-gbps")):
+        r = launch("submit", "--config", config, "--gpus-per-node", 0, "--dry-run", *bad, f"run_dir={tmp_path}/r")
+        assert r.returncode == 2 and flag in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 EIGHT_B = ["model.num_layers=32", "model.hidden_size=4096", "model.num_attention_heads=32",
