@@ -7,9 +7,9 @@ so launcher and trainer always agree); the checks only need its attributes.
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
-from launch.memory import estimate_memory_gb
+from launch.memory import checkpoint_bytes, estimate_memory_gb
 
 # Paths that are private to one node (or wiped between jobs): a run directory there is not seen
 # by the other nodes of a multi-node job. Override with --allow-local-run-dir.
@@ -93,6 +93,26 @@ def check_job(cfg, nodes: int, procs_per_node: int, gpus_per_node: int, gpu_memo
         notes.append(f"estimated memory {need:.1f} GiB per GPU (of {gpu_memory_gb:g})")
     check_run_dir(cfg.run_dir, nodes, allow_local_run_dir)
     return notes
+
+
+def check_save_time(cfg, write_gbps: float, signal_seconds: int,
+                    grace_seconds: Optional[int] = None) -> Tuple[str, List[str]]:
+    """Estimated checkpoint save time (size from the config over `write_gbps` GB/s) against the
+    time the job gets to save: --signal-seconds before the time limit, and the preemption
+    grace time if declared. Returns (note, warnings)."""
+    precision = "fp32" if cfg.deepspeed.precision == "fp32" else "bf16"
+    size = checkpoint_bytes(cfg.model, precision)
+    seconds = size / (write_gbps * 1e9)
+    note = f"estimated checkpoint {size / 1e9:.3g} GB, {seconds:.3g} s to save at {write_gbps:g} GB/s (--write-gbps)"
+    warnings = []
+    # a stop is acted on after the step in flight: leave room for one step and the exit
+    for name, budget in (("--signal-seconds", signal_seconds), ("--grace-seconds", grace_seconds)):
+        if budget is not None and seconds > budget:
+            warnings.append(
+                f"{note} does not fit in {name}={budget}: a stop there loses the work since the last periodic "
+                f"save; raise {name} (or ask for a longer GraceTime / KillWait), set checkpoint.save_interval, "
+                f"or pass --write-gbps if your filesystem is faster")
+    return note, warnings
 
 
 def default_procs_per_node(gpus_per_node: int, procs_per_node: Optional[int]) -> int:

@@ -1,9 +1,11 @@
 """`python -m launch` / `megatron-infini launch`: submit a training run to Slurm, or run it here.
 
     submit --config CONFIG [--nodes N] [--gpus-per-node G] [--procs-per-node P] [--partition P]
-           [--time T] [--account A] [--dry-run] [key.sub=value ...]
-        check the job (world size vs TP and batch, memory per GPU, shared run_dir), render
-        slurm/train.sbatch into RUN_DIR/train.sbatch and `sbatch` it (--dry-run: print it).
+           [--time T] [--account A] [--cpus-per-task C] [--mem M] [--exclusive] [--omp-threads T]
+           [--grace-seconds S] [--write-gbps B] [--dry-run] [key.sub=value ...]
+        check the job (world size vs TP and batch, memory per GPU, shared run_dir, checkpoint
+        save time vs --signal-seconds / --grace-seconds), render slurm/train.sbatch into
+        RUN_DIR/train.sbatch and `sbatch` it (--dry-run: print it). One Slurm task per rank.
         --gpus-per-node 0 runs CPU ranks (gloo), 2 per node unless --procs-per-node says otherwise.
     local --config CONFIG [--nproc N] [key.sub=value ...]
         torchrun --standalone on this machine.
@@ -26,12 +28,47 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from launch.checks import LaunchError, check_job, default_procs_per_node, read_config
+from launch.checks import LaunchError, check_job, check_save_time, default_procs_per_node, read_config
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "slurm" / "train.sbatch"
 # the trainer torchrun starts; the tests point it at a stand-in while developing
 DEFAULT_TRAINER = os.environ.get("MEGATRON_INFINI_TRAINER", "megatron_infini.train")
+
+
+def node_cpus(partition: Optional[str]) -> Optional[int]:
+    """CPUs of the smallest node in the partition (the default one without --partition), from
+    `sinfo`; None when Slurm cannot be asked (e.g. a dry run on a laptop)."""
+    cmd = ["sinfo", "-h", "-N", "-o", "%c %P"] + (["-p", partition] if partition else [])
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    cpus = []
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[0].isdigit() and (partition or fields[1].endswith("*")):
+            cpus.append(int(fields[0]))
+    return min(cpus) if cpus else None
+
+
+def resources(args, procs_per_node: int) -> Dict[str, object]:
+    """CPUs per rank, threads per rank, memory and exclusivity, as sbatch directives."""
+    cpus = args.cpus_per_task
+    if cpus is None:  # all of the node's CPUs, shared by its ranks
+        total = node_cpus(args.partition)
+        cpus = max(1, total // procs_per_node) if total else 0
+    threads = args.omp_threads or cpus or 1
+    mem = str(args.mem)
+    if not re.fullmatch(r"\d+[KMGT]?", mem):
+        raise LaunchError(f"--mem={mem!r}: give a size such as 0 (all of the node's memory), 200G or 500000M")
+    return {
+        "cpus_directive": f"#SBATCH --cpus-per-task={cpus}" if cpus else
+        "# --cpus-per-task: not requested (no --cpus-per-task and sinfo gave no CPU count)",
+        "mem_directive": f"#SBATCH --mem={mem}",
+        "exclusive_directive": "#SBATCH --exclusive" if args.exclusive else "# nodes may be shared (--exclusive not asked)",
+        "omp_threads": threads,
+    }
 
 
 def _torchrun() -> str:
@@ -54,6 +91,8 @@ def sbatch_values(args, cfg, procs_per_node: int) -> Dict[str, object]:
     run_dir = os.path.abspath(cfg.run_dir)
     q = shlex.quote
     return {
+        **resources(args, procs_per_node),
+        "rank_exit_wait": args.rank_exit_wait,
         "job_name": q(args.job_name or f"infini-{os.path.basename(run_dir)}"),
         "nodes": args.nodes,
         "time": q(args.time),
@@ -68,7 +107,6 @@ def sbatch_values(args, cfg, procs_per_node: int) -> Dict[str, object]:
         "overrides": " ".join(q(o) for o in args.overrides),
         "procs_per_node": procs_per_node,
         "python": q(sys.executable),
-        "torchrun": q(_torchrun()),
         "trainer_module": q(args.trainer_module),
         "max_restarts": args.max_restarts,
         "device_env": "" if args.gpus_per_node > 0 else "export CUDA_VISIBLE_DEVICES=  # CPU ranks\n",
@@ -96,6 +134,21 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU for the estimate")
     s.add_argument("--signal-seconds", type=int, default=300,
                    help="SIGUSR1 this long before the time limit, to save and requeue (default %(default)s)")
+    s.add_argument("--grace-seconds", type=int, default=None,
+                   help="the partition's preemption GraceTime (or KillWait for scancel), if you know it: "
+                        "warn when a checkpoint save does not fit in it")
+    s.add_argument("--write-gbps", type=float, default=1.0,
+                   help="checkpoint write bandwidth of the whole job in GB/s, for the save-time estimate "
+                        "(default %(default)s)")
+    s.add_argument("--cpus-per-task", type=int, default=None,
+                   help="CPUs per rank (default: the node's CPUs from sinfo / ranks per node; 0: do not ask)")
+    s.add_argument("--mem", default="0", help="memory per node (default 0: all of the node's memory), e.g. 500G")
+    s.add_argument("--exclusive", action="store_true", help="ask for whole nodes (#SBATCH --exclusive)")
+    s.add_argument("--omp-threads", type=int, default=None,
+                   help="OMP_NUM_THREADS per rank (default: --cpus-per-task, else 1)")
+    s.add_argument("--rank-exit-wait", type=int, default=120,
+                   help="seconds srun waits after the first rank exits before killing the others, "
+                        "so a dead rank ends the job (default %(default)s)")
     s.add_argument("--max-restarts", type=int, default=int(os.environ.get("MAX_RESTARTS", 3)),
                    help="requeue at most this many times (env MAX_RESTARTS; default %(default)s)")
     s.add_argument("--allow-local-run-dir", action="store_true",
@@ -117,8 +170,20 @@ def _parser() -> argparse.ArgumentParser:
 def submit(args) -> int:
     cfg = read_config(args.config, args.overrides)
     procs = default_procs_per_node(args.gpus_per_node, args.procs_per_node)
+    if args.rank_exit_wait < 1:
+        raise LaunchError(f"--rank-exit-wait={args.rank_exit_wait}: give at least 1 second")
+    if args.write_gbps <= 0:
+        raise LaunchError(f"--write-gbps={args.write_gbps:g}: give a bandwidth > 0")
+    if args.cpus_per_task is not None and args.cpus_per_task < 0:
+        raise LaunchError(f"--cpus-per-task={args.cpus_per_task}: give a count >= 1 (or 0: do not ask)")
+    if args.omp_threads is not None and args.omp_threads < 1:
+        raise LaunchError(f"--omp-threads={args.omp_threads}: give a count >= 1")
     notes = check_job(cfg, args.nodes, procs, args.gpus_per_node, args.gpu_memory_gb,
                       args.allow_local_run_dir, args.skip_memory_check)
+    save_note, warnings = check_save_time(cfg, args.write_gbps, args.signal_seconds, args.grace_seconds)
+    notes.append(save_note)
+    for w in warnings:
+        print(f"launch: warning: {w}", file=sys.stderr)
     script = render(TEMPLATE.read_text(), sbatch_values(args, cfg, procs))
     if args.dry_run:
         print(script, end="")

@@ -67,3 +67,14 @@ def estimate_memory_gb(model, parallel, zero_stage: int, micro_batch: int, seq_l
         activations = model.num_layers * layer
     logits = s * b * (getattr(model, "vocab_size", None) or DEFAULT_VOCAB) * 8 / tp
     return (1.1 * (states + activations + logits) + 2 * GIB) / GIB
+
+
+#: bytes per parameter in one checkpoint (checkpointing/manager.py): the model weights in the
+#: training precision (model/, 2 in bf16), DeepSpeed's module copy (2) and its optimizer state:
+#: fp32 master weights and Adam's two moments (12). In fp32 4 + 4 + 8 (no master copy).
+CHECKPOINT_BYTES_PER_PARAM = {"bf16": 16, "fp32": 16}
+
+
+def checkpoint_bytes(model, precision: str = "bf16") -> int:
+    """Size of one training checkpoint of the whole job (all ranks together), in bytes."""
+    return count_parameters(model) * CHECKPOINT_BYTES_PER_PARAM["fp32" if precision == "fp32" else "bf16"]

@@ -31,6 +31,7 @@ import re
 import shutil
 import signal
 import sys
+import time
 from typing import Callable, List, Optional
 
 import torch
@@ -51,6 +52,17 @@ def _crash_point(phase: str) -> None:
     if os.environ.get(CRASH_HOOK) == phase and _rank() == 0:
         print(f"[checkpoint] {CRASH_HOOK}={phase}: killing rank 0 mid-save", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+SAVE_DELAY_HOOK = "MEGATRON_INFINI_TEST_SAVE_DELAY"
+
+
+def _save_delay() -> None:
+    """Test hook (see the module docstring): a slow save on every rank, before publishing."""
+    seconds = float(os.environ.get(SAVE_DELAY_HOOK) or 0)
+    if seconds > 0:
+        _info(f"{SAVE_DELAY_HOOK}={seconds:g}: sleeping {seconds:g} s before publishing")
+        time.sleep(seconds)
 
 
 def iter_dir(root: str, step: int) -> str:
@@ -178,6 +190,7 @@ class CheckpointManager:
         torch.save(trainer_state, os.path.join(tmp, "trainer", f"rank_{_rank():05d}.pt"))
         if _rank() == 0:
             self._write_meta(tmp, step, meta)
+        _save_delay()
         _barrier()
         mf.write_manifest(tmp, {"step": step})
         _barrier()
