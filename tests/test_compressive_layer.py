@@ -176,3 +176,5 @@ def test_tp_sp_streaming_checkpoint(tmp_path):
     (tmp_path / "mem").mkdir()
     res = run_distributed(_checks, 2, str(tmp_path / "ckpt"), str(tmp_path / "mem"), tp=1)
     assert res[0]["tp2"] * 2 == res[0]["tp1"], res  # k, v, valid all split by head
+    # what tools/memory_footprint.py reports: (n_m + n_cm) * G * (2 * hn + 1) per layer and sample
+    assert res[0]["tp1"] == B * TINY["num_layers"] * 2 * (8 + 4) * (2 * 16 + 1)

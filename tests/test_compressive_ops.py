@@ -180,3 +180,16 @@ def test_config_defaults():
     cfg = llama_config(**base, memory_type="compressive")
     assert (cfg.xl_memory_length, cfg.compressed_memory_length, cfg.compression_rate) == (8, 8, 2)
     assert llama_config(**base, memory_type="xl").compressed_memory_length == 0
+
+
+def test_memory_footprint_tool_reports_the_compressive_memory(capsys):
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    import memory_footprint
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert memory_footprint.main([os.path.join(repo, "configs", "debug.yaml"), "model.memory_type=compressive"]) == 0
+    # debug.yaml: 2 key/value heads x 16, N = 64 -> n_m = n_cm = 64 by default
+    assert f"{2 * (64 + 64) * (2 * 16 + 1):,d} values per layer" in capsys.readouterr().out
