@@ -278,12 +278,15 @@ def compressive_attention(
     wv = torch.cat(win_v + [segs(vh)], dim=3)
     wvalid = torch.cat(win_valid + [evalid.new_ones(b, hkv, nseg, N)], dim=3).bool()  # (b, hkv, nseg, W + N)
     angles = None if rope_freqs is None else rope_freqs.to(ct)
-    qs = qh.reshape(b, hkv, g, nseg, N, dk)
-    allowed = wvalid[:, :, None, :, None, :] & window_mask(W, N, q.device)  # (b, hkv, 1, nseg, N, W + N)
-    out = attend(rotate(qs, None if angles is None else angles[W:W + N]),
-                 rotate(wk, None if angles is None else angles[:W + N]).unsqueeze(2), wv.unsqueeze(2),
-                 allowed, scale)  # (b, hkv, g, nseg, N, dv)
-    out = out.reshape(b, hq, nseg * N, dv)[:, :, :s].permute(2, 0, 1, 3).to(q.dtype)  # [s, b, hq, dv]
+    # One fused attention call over (batch, segment) with grouped-query heads; every query sees
+    # at least itself, so no row is fully masked. Slot validity is the same for every head.
+    qs = qh.reshape(b, hkv, g, nseg, N, dk).permute(0, 3, 1, 2, 4, 5).reshape(b, nseg, hq, N, dk)
+    allowed = wvalid[:, 0, :, None, None, :] & window_mask(W, N, q.device)  # (b, nseg, 1, N, W + N)
+    out = F.scaled_dot_product_attention(
+        rotate(qs, None if angles is None else angles[W:W + N]),
+        rotate(wk, None if angles is None else angles[:W + N]).transpose(1, 2), wv.transpose(1, 2),
+        attn_mask=allowed, scale=scale, enable_gqa=True)  # (b, nseg, hq, N, dv)
+    out = out.transpose(1, 2).reshape(b, hq, nseg * N, dv)[:, :, :s].permute(2, 0, 1, 3).to(q.dtype)  # [s, b, hq, dv]
     raw = slice(whole * N, whole * N + nm)
     final = (torch.cat([final_c[0], ek[:, :, raw]], dim=2), torch.cat([final_c[1], ev[:, :, raw]], dim=2),
              torch.cat([final_c[2], evalid[:, :, raw]], dim=2))
