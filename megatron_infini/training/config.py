@@ -86,7 +86,7 @@ class ModelConfig:
         _one_of(f"{prefix}.memory_update", self.memory_update, ("linear", "delta"))
         _one_of(f"{prefix}.memory_type", self.memory_type, ("infini", "compressive", "xl"))
         if self.memory_type != "infini":
-            self._validate_past_memory(prefix)
+            self._validate_past_memory(prefix)  # (InfiniTransformerConfig checks them again)
         _one_of(f"{prefix}.normalization", self.normalization, ("RMSNorm", "LayerNorm"))
         _one_of(f"{prefix}.activation", self.activation, ("swiglu", "gelu"))
         _at_least(f"{prefix}.checkpoint_segments", self.checkpoint_segments, 0)
@@ -103,20 +103,18 @@ class ModelConfig:
             )
 
     def _validate_past_memory(self, prefix: str) -> None:
-        """compressive / xl fields (the layer's InfiniTransformerConfig checks them again)."""
-        t, c = self.memory_type, self.compression_rate
-        n_m = self.xl_memory_length if self.xl_memory_length is not None else self.segment_length
+        t, c, n_cm = self.memory_type, self.compression_rate, self.compressed_memory_length
+        n_m = self.segment_length if self.xl_memory_length is None else self.xl_memory_length
         _at_least(f"{prefix}.xl_memory_length", n_m, 1)
         if t == "compressive":
             _at_least(f"{prefix}.compression_rate", c, 1)
-            if self.compressed_memory_length is not None:
-                _at_least(f"{prefix}.compressed_memory_length", self.compressed_memory_length, 1)
+            _at_least(f"{prefix}.compressed_memory_length", 1 if n_cm is None else n_cm, 1)
             if n_m % c or self.segment_length % c:
                 raise ConfigError(f"{prefix}.xl_memory_length ({n_m}) and {prefix}.segment_length "
                                   f"({self.segment_length}) must be multiples of {prefix}.compression_rate ({c})")
         _at_least(f"{prefix}.reconstruction_loss_weight", self.reconstruction_loss_weight, 0)
-        for key, bad in (("memory_enabled", not self.memory_enabled), ("checkpoint_segments", self.checkpoint_segments),
-                         ("recompute_layers", self.recompute_layers)):
+        for key, bad in dict(memory_enabled=not self.memory_enabled, checkpoint_segments=self.checkpoint_segments,
+                             recompute_layers=self.recompute_layers).items():
             if bad:
                 raise ConfigError(f"{prefix}.{key} is not supported with {prefix}.memory_type={t!r}; leave the default")
 
