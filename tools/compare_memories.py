@@ -50,10 +50,10 @@ def train(name: str, out: str, steps: int, seq: int, threads: int) -> dict:
         raise SystemExit(f"training {name} failed:\n{proc.stdout[-3000:]}")
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         steps_ = [r for r in map(json.loads, fh) if r.get("kind") != "event"]
-    later = steps_[2:] or steps_  # the first steps include warm-up
+    later = sorted(r["tokens_per_s"] for r in (steps_[2:] or steps_))  # the first steps include warm-up
     return {"run_dir": run_dir, "train_seconds": round(time.perf_counter() - t0, 1),
             "final_loss": sum(r["loss"] for r in steps_[-5:]) / len(steps_[-5:]),
-            "train_tokens_per_s": sum(r["tokens_per_s"] for r in later) / len(later),
+            "train_tokens_per_s": later[len(later) // 2],  # median: robust to a shared machine
             "reconstruction_loss": steps_[-1].get("aux/reconstruction_loss")}
 
 
