@@ -10,6 +10,7 @@ third segment on.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from _dist import TOL, assert_same, gather_full, reinit_model_parallel, run_distributed
 from torch.testing import assert_close
@@ -28,9 +29,9 @@ def _tp():
     return ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
 
 
-def build(kind, seed=0, **fields):
-    """Tiny GPTModel with the block spec at the current TP size; compressors moved away from
-    mean pooling by the same full-size noise at every TP size (so aux and its grads are not tiny)."""
+def build(kind, seed=0, spec=None, **fields):
+    """Tiny GPTModel with the block spec (or `spec`) at the current TP size; compressors moved away
+    from mean pooling by the same full-size noise at every TP size (so aux and its grads are not tiny)."""
     from megatron.core.models.gpt import GPTModel
 
     from megatron_infini import get_gpt_block_infini_spec, llama_config
@@ -38,7 +39,7 @@ def build(kind, seed=0, **fields):
     tp, rank = _tp()
     cfg = llama_config(**{**TINY, **MEM[kind], "tensor_model_parallel_size": tp, **fields})
     torch.manual_seed(seed)
-    model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_block_infini_spec(cfg), vocab_size=VOCAB,
+    model = GPTModel(config=cfg, transformer_layer_spec=spec or get_gpt_block_infini_spec(cfg), vocab_size=VOCAB,
                      max_sequence_length=S, position_embedding_type="rope", share_embeddings_and_output_weights=False)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -133,6 +134,13 @@ def _checks(rank, world_size, ckpt_dir, mem_dir):
     ref = {kind: step(build(kind), ids, labels) for kind in MEM}
     assert ref["compressive"]["aux"]["aux/reconstruction_loss"] > 0 and ref["xl"]["aux"] == {}
     check_aux_reaches_only_the_compressor(ids, labels)
+    from megatron_infini import get_gpt_layer_infini_spec
+
+    for kind in MEM:  # the layer spec builds the same model; the Infini layer refuses these configs
+        assert_close(logits(build(kind, spec=get_gpt_layer_infini_spec(memory_type=kind)), ids),
+                     logits(build(kind), ids), **TOL)
+        with pytest.raises(ValueError, match="memory_type"):
+            build(kind, spec=get_gpt_layer_infini_spec())
     for kind in MEM:
         check_streaming(kind)
     numbers = {"tp1": memory_numbers(check_streaming("compressive"))}
