@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_infini.ops import UPDATE_RULES
+
+#: Memory types of `InfiniTransformerConfig.memory_type`.
+MEMORY_TYPES = ("infini", "compressive", "xl")
 
 #: |gate_init| above this saturates the sigmoid: the memory path (very negative) or the
 #: local path (very positive) gets no gradient. INFINI.md: a -100 init killed the memory.
@@ -46,12 +49,36 @@ class InfiniTransformerConfig(TransformerConfig):
     """False turns the memory off (ablation): attention is causal softmax attention within each
     segment only, and the layers hold no gate parameter."""
 
+    memory_type: str = "infini"
+    """Memory of every attention layer: "infini" (compressive memory M, z of fixed size),
+    "compressive" (Compressive Transformer, Rae et al. 2019: FIFO memory of past keys/values
+    plus a FIFO of their learned compressions) or "xl" (Transformer-XL: the FIFO memory only).
+    The last two ignore memory_update, gate_init; see docs/memories.md."""
+
+    xl_memory_length: Optional[int] = None
+    """n_m: past tokens (keys and values, per head) kept by "compressive" / "xl" layers;
+    default: segment_length. A multiple of compression_rate for "compressive"."""
+
+    compressed_memory_length: Optional[int] = None
+    """n_cm: compressed slots kept by "compressive" layers (each stands for compression_rate
+    tokens: the layer reaches n_m + c * n_cm tokens back); default: xl_memory_length."""
+
+    compression_rate: int = 2
+    """c: the compressor (1D convolution, kernel = stride = c, per key/value head) turns c
+    evicted tokens into one compressed slot ("compressive" only). Must divide segment_length
+    and xl_memory_length."""
+
+    reconstruction_loss_weight: float = 1.0
+    """Weight of the attention-reconstruction loss that trains the compressor ("compressive"
+    only; it reaches no other parameter). Finite, >= 0."""
+
     attention_dropout: float = 0.0
     """Overrides Megatron's default 0.1: the fused op has no dropout on attention
     probabilities, so this must be 0.0."""
 
     def __post_init__(self) -> None:
         self._validate_infini_fields()
+        self._validate_memory_type()
         self._validate_parallelism()
         super().__post_init__()
         # Checks that need Megatron's resolved defaults (num_query_groups, kv_channels).
@@ -94,6 +121,49 @@ class InfiniTransformerConfig(TransformerConfig):
         bad = [name for name, on in unsupported.items() if on]
         if bad:
             raise ValueError(f"{', '.join(bad)}: not supported with Infini-attention; leave at the default")
+
+    def _validate_memory_type(self) -> None:
+        t = self.memory_type
+        if t not in MEMORY_TYPES:
+            raise ValueError(f"memory_type must be one of {MEMORY_TYPES}, got {t!r}")
+        if t == "infini":
+            return
+        # Resolve the defaults, then check (n_cm and c only matter for "compressive").
+        if self.xl_memory_length is None:
+            self.xl_memory_length = self.segment_length
+        if self.compressed_memory_length is None:
+            self.compressed_memory_length = self.xl_memory_length if t == "compressive" else 0
+        fields = {"xl_memory_length": 1}
+        if t == "compressive":
+            fields.update(compressed_memory_length=1, compression_rate=1)
+        for name, low in fields.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an integer >= {low} for memory_type={t!r}, got {v!r}")
+        if t == "xl" and self.compressed_memory_length:
+            raise ValueError(f"compressed_memory_length ({self.compressed_memory_length}) must be 0 or None "
+                             "for memory_type='xl' (Transformer-XL has no compressed memory)")
+        c = self.compression_rate
+        if t == "compressive" and (self.xl_memory_length % c or self.segment_length % c):
+            raise ValueError(
+                f"xl_memory_length ({self.xl_memory_length}) and segment_length ({self.segment_length}) must be "
+                f"multiples of compression_rate ({c}): the compressor turns each block of {c} evicted tokens "
+                "into one slot")
+        w = self.reconstruction_loss_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"reconstruction_loss_weight must be a finite number >= 0, got {w!r}")
+        unsupported = {
+            "memory_enabled=False": not self.memory_enabled,
+            "checkpoint_segments > 0": self.checkpoint_segments > 0,
+            "context_parallel_size > 1": self.context_parallel_size > 1,
+            "recompute_granularity='full'": self.recompute_granularity == "full",
+            "rotary_interleaved=True": self.rotary_interleaved,
+        }
+        bad = [name for name, on in unsupported.items() if on]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: not supported with memory_type={t!r} (local-only attention is "
+                             "memory_type='infini' with memory_enabled=False; full recompute would compute the "
+                             "reconstruction loss without autograd)")
 
     def _validate_parallelism(self) -> None:
         tp = self.tensor_model_parallel_size

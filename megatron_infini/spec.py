@@ -24,9 +24,26 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from megatron_infini.layers import InfiniCoreAttention, InfiniSelfAttention, Norm
 
+#: memory_type -> (self-attention, core attention) modules of the layer.
+_ATTENTION = {"infini": (InfiniSelfAttention, InfiniCoreAttention)}
 
-def get_gpt_layer_infini_spec(qk_layernorm: bool = False) -> ModuleSpec:
-    """Spec of one transformer layer: Norm -> Infini self-attention -> Norm -> MLP.
+
+def _attention_modules(memory_type: str):
+    if memory_type in ("compressive", "xl"):
+        from megatron_infini.layers.compressive import CompressiveCoreAttention, CompressiveSelfAttention
+
+        return CompressiveSelfAttention, CompressiveCoreAttention
+    if memory_type not in _ATTENTION:
+        raise ValueError(f"memory_type must be one of ('infini', 'compressive', 'xl'), got {memory_type!r}")
+    return _ATTENTION[memory_type]
+
+
+def get_gpt_layer_infini_spec(qk_layernorm: bool = False, memory_type: str = "infini") -> ModuleSpec:
+    """Spec of one transformer layer: Norm -> self-attention with memory -> Norm -> MLP.
+
+    memory_type: "infini" (Infini-attention), "compressive" or "xl" (Compressive Transformer /
+    Transformer-XL memories, `megatron_infini.layers.compressive`); must equal the config's
+    `memory_type` (`get_gpt_block_infini_spec(config)` takes it from the config).
 
     Megatron modules only (no Apex / Transformer Engine needed), tensor- and
     sequence-parallel. Passed to `GPTModel` as is, Megatron adds its *own* final norm; without
@@ -38,16 +55,17 @@ def get_gpt_layer_infini_spec(qk_layernorm: bool = False) -> ModuleSpec:
 
     ensure_sequence_parallel_final_norm()
     qk_norm = ModuleSpec(module=Norm, params={"per_head": True}) if qk_layernorm else IdentityOp
+    self_attention, core_attention = _attention_modules(memory_type)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=Norm,
             self_attention=ModuleSpec(
-                module=InfiniSelfAttention,
+                module=self_attention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=InfiniCoreAttention,
+                    core_attention=core_attention,
                     linear_proj=RowParallelLinear,
                     q_layernorm=qk_norm,
                     k_layernorm=qk_norm,
@@ -65,13 +83,15 @@ def get_gpt_layer_infini_spec(qk_layernorm: bool = False) -> ModuleSpec:
 
 
 def get_gpt_block_infini_spec(config: TransformerConfig, qk_layernorm: bool = False) -> ModuleSpec:
-    """Spec of the whole decoder: `config.num_layers` Infini layers and a final `Norm`.
+    """Spec of the whole decoder: `config.num_layers` layers with the memory of
+    `config.memory_type` and a final `Norm`.
 
     Accepted by `GPTModel(transformer_layer_spec=...)` like a layer spec; use it whenever
     `sequence_parallel=True` (works without Apex / Transformer Engine, and the final norm's
     gradient is reduced correctly under any wrapper).
     """
-    layer = get_gpt_layer_infini_spec(qk_layernorm=qk_layernorm)
+    layer = get_gpt_layer_infini_spec(qk_layernorm=qk_layernorm,
+                                      memory_type=getattr(config, "memory_type", "infini"))
     return ModuleSpec(
         module=TransformerBlock,
         submodules=TransformerBlockSubmodules(layer_specs=[layer] * config.num_layers, layer_norm=Norm),

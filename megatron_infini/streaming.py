@@ -12,6 +12,10 @@ memory of layer L is two global tensors `{prefix}layer{L}.M` [B, G, hn, hn] and
 `{prefix}layer{L}.z` [B, G, hn] (B = b * dp_size samples, G all key/value heads), split by
 sample across data-parallel ranks and by head across tensor-parallel ranks.
 
+Layers with memory_type "compressive" / "xl" (`megatron_infini.layers.compressive`) keep
+(k [b, ng, W, hn], v [b, ng, W, hn], valid [b, ng, W]) instead, checkpointed as
+`{prefix}layer{L}.k` / `.v` / `.valid`, split the same way.
+
     set_memory_carry(model, True)          # start streaming (memory empty)
     ... model(chunk_1) ... model(chunk_2)  # chunk_2 reads the memory of chunk_1
     reset_memory(model)                    # next document
@@ -19,17 +23,23 @@ sample across data-parallel ranks and by head across tensor-parallel ranks.
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
 from megatron_infini.layers.attention import InfiniCoreAttention
+from megatron_infini.layers.compressive import CompressiveCoreAttention
 
 
 def infini_cores(model: torch.nn.Module) -> Iterator[InfiniCoreAttention]:
-    """The Infini core attentions of `model` (any wrapper), in layer order."""
-    cores = [m for m in model.modules() if isinstance(m, InfiniCoreAttention)]
+    """The core attentions with memory of `model` (any wrapper, any memory_type), in layer order."""
+    cores = [m for m in model.modules() if isinstance(m, (InfiniCoreAttention, CompressiveCoreAttention))]
     return iter(sorted(cores, key=lambda m: m.layer_number))
+
+
+def _names(core) -> Tuple[str, ...]:
+    """Names of the tensors of a layer's memory, in the order the layer keeps them."""
+    return getattr(core, "memory_names", ("M", "z"))
 
 
 def set_memory_carry(model: torch.nn.Module, enabled: bool) -> None:
@@ -57,12 +67,13 @@ def reset_memory(model: torch.nn.Module) -> None:
 
 
 def memory_state_dict(model: torch.nn.Module, prefix: str = "infini_memory.") -> Dict[str, torch.Tensor]:
-    """This rank's kept memory: {f"{prefix}layer{L}.M": M, f"{prefix}layer{L}.z": z}.
-    Layers with no kept memory are left out."""
+    """This rank's kept memory: {f"{prefix}layer{L}.M": M, f"{prefix}layer{L}.z": z} (or .k, .v,
+    .valid for compressive / xl layers). Layers with no kept memory are left out."""
     out = {}
     for core in infini_cores(model):
         if core.memory is not None:
-            out[f"{prefix}layer{core.layer_number}.M"], out[f"{prefix}layer{core.layer_number}.z"] = core.memory
+            for name, t in zip(_names(core), core.memory):
+                out[f"{prefix}layer{core.layer_number}.{name}"] = t
     return out
 
 
@@ -73,11 +84,15 @@ def load_memory_state_dict(
     `memory_sharded_state_dict`). Layers absent from `state` get an empty memory."""
     for core in infini_cores(model):
         key = f"{prefix}layer{core.layer_number}"
-        if f"{key}.M" in state:
+        names = _names(core)
+        if f"{key}.{names[0]}" not in state:
+            core.memory = None
+        elif isinstance(core, CompressiveCoreAttention):
+            k, v, valid = (state[f"{key}.{n}"].contiguous() for n in names)
+            core.memory = (k, v, valid.float())
+        else:
             M, z = state[f"{key}.M"], state[f"{key}.z"]
             core.memory = (M.float().contiguous(), z.float().contiguous())
-        else:
-            core.memory = None
 
 
 def memory_sharded_state_dict(
@@ -104,7 +119,8 @@ def memory_sharded_state_dict(
         dp_size = parallel_state.get_data_parallel_world_size()
     out = {}
     for core in infini_cores(model):
-        if core.gate is None:
+        compressive = isinstance(core, CompressiveCoreAttention)
+        if core.gate is None and not compressive:
             continue  # memory disabled: nothing to keep
         memory = core.memory
         if memory is None:
@@ -113,9 +129,12 @@ def memory_sharded_state_dict(
             from megatron_infini.ops import empty_memory
 
             hn = core.config.kv_channels
-            memory = empty_memory(local_batch_size, core.num_groups_per_partition, hn, hn, core.gate.device)
+            if compressive:  # (an "xl" layer holds no parameter to take the device from)
+                memory = core.empty_memory(local_batch_size, "cuda" if torch.cuda.is_available() else "cpu")
+            else:
+                memory = empty_memory(local_batch_size, core.num_groups_per_partition, hn, hn, core.gate.device)
         tp_rank, tp_size = get_pg_rank(core.tp_group), get_pg_size(core.tp_group)
-        for name, t in zip(("M", "z"), memory):
+        for name, t in zip(_names(core), memory):
             key = f"{prefix}layer{core.layer_number}.{name}"
             out[key] = ShardedTensor.from_rank_offsets(
                 key, t, (0, dp_rank, dp_size), (1, tp_rank, tp_size), replica_id=0

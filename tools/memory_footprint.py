@@ -12,6 +12,8 @@ N segment length:
                               with N S = T_knn. With T_knn = 65536 the paper's LM gives 184.5M, the
                               paper reports 183M)
     Full attention KV cache   2 * d_k * H * l * T                         (grows with the input length T)
+For a config with model.memory_type compressive / xl, the memory of that config is printed too:
+    (n_m + n_cm) * H * (d_k + d_v + 1) per layer (keys, values and a valid flag per slot).
 With grouped-query attention the memory and the caches are kept per key/value head (H = query
 groups). Numbers are counts of values; bytes use fp32 for the Infini memory (it is kept in fp32,
 INFINI.md) and --cache-bytes (default 2, bf16) for the caches.
@@ -78,9 +80,21 @@ def main(argv=None) -> int:
         layers, heads, N = m.num_layers, m.num_attention_heads, m.segment_length
         kv_heads, d = m.num_query_groups or heads, m.hidden_size // heads
         name = f"{args.config} ({layers} layers, {heads} query / {kv_heads} key-value heads x {d}, N={N})"
+        tp = cfg.parallel.tensor_model_parallel_size
     else:
         p.error("give a config or --paper")
     f = footprint(layers, kv_heads, d, d, N, args.knn_tokens)
+    extra = ""
+    if args.config and m.memory_type != "infini":
+        # compressive / xl layers keep keys and values of n_m tokens and n_cm compressed slots per
+        # key/value head, plus one valid flag per slot (megatron_infini.layers.compressive)
+        n_m = m.xl_memory_length or N
+        n_cm = (m.compressed_memory_length or n_m) if m.memory_type == "compressive" else 0
+        per_layer = kv_heads * (n_m + n_cm) * (2 * d + 1)
+        extra = (f"  Memory of this config: memory_type={m.memory_type}, n_m={n_m}, n_cm={n_cm}: {per_layer:,d} values "
+              f"per layer and sample ({human_bytes(per_layer * args.cache_bytes)} at {args.cache_bytes} bytes/value), "
+              f"{per_layer // tp:,d} per tensor-parallel rank (TP={tp}, split by head); "
+              f"{per_layer / f['infini_per_layer']:.1f}x the Infini memory")
     ib, cb = 4, args.cache_bytes
     print(f"Memory footprint: {name}")
     print(f"  Infini memory per layer : {f['infini_per_layer']:>14,d} values  ({human_bytes(f['infini_per_layer'] * ib)} fp32)"
@@ -96,6 +110,8 @@ def main(argv=None) -> int:
         n = f["kv_cache_per_token"] * t
         print(f"    at {tokens_label(t):>5} tokens: {n:>18,d} values {human_bytes(n * cb):>12}  "
               f"({n / f['infini']:,.0f}x the Infini memory)")
+    if extra:
+        print(extra)
     return 0
 
 

@@ -71,8 +71,9 @@ def restore_memory(model: torch.nn.Module, snapshot: list) -> None:
 
 
 def memory_numbers(model: torch.nn.Module) -> int:
-    """Floats held by the kept memory of all layers (this rank), i.e. sum of numel(M) + numel(z)."""
-    return sum(m[0].numel() + m[1].numel() for m in memory_snapshot(model) if m is not None)
+    """Numbers held by the kept memory of all layers (this rank): numel(M) + numel(z), or
+    numel(k) + numel(v) + numel(valid) for compressive / xl layers."""
+    return sum(t.numel() for m in memory_snapshot(model) if m is not None for t in m)
 
 
 def sample_next(

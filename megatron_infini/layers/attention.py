@@ -68,6 +68,9 @@ class InfiniCoreAttention(MegatronModule):
             raise ValueError(f"InfiniCoreAttention needs an InfiniTransformerConfig; config lacks {missing}")
         if attention_type != "self":
             raise ValueError(f"attention_type must be 'self' for Infini-attention, got {attention_type!r}")
+        if getattr(config, "memory_type", "infini") != "infini":
+            raise ValueError(f"config.memory_type is {config.memory_type!r}: build the layer with "
+                             "get_gpt_block_infini_spec(config) or get_gpt_layer_infini_spec(memory_type=...)")
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
         self.tp_group = pg_collection.tp

@@ -53,6 +53,16 @@ class ModelConfig:
     """Memory update rule: linear | delta."""
     memory_enabled: bool = True
     """False: plain segment-local attention, no memory (the ablation)."""
+    memory_type: str = "infini"
+    """infini | compressive (Compressive Transformer) | xl (Transformer-XL); see docs/memories.md."""
+    xl_memory_length: Optional[int] = None
+    """compressive / xl: past tokens kept as keys and values per layer; default: segment_length."""
+    compressed_memory_length: Optional[int] = None
+    """compressive: compressed slots per layer; default: xl_memory_length."""
+    compression_rate: int = 2
+    """compressive: evicted tokens per compressed slot (must divide segment_length and xl_memory_length)."""
+    reconstruction_loss_weight: float = 1.0
+    """compressive: weight of the attention-reconstruction loss (trains only the compressor)."""
     gate_init: float = 0.0
     """Initial gate logit beta (sigmoid(0) = 0.5 mixes memory and local attention evenly)."""
     checkpoint_segments: int = 0
@@ -74,6 +84,9 @@ class ModelConfig:
         for key in ("num_layers", "hidden_size", "num_attention_heads", "segment_length"):
             _at_least(f"{prefix}.{key}", getattr(self, key), 1)
         _one_of(f"{prefix}.memory_update", self.memory_update, ("linear", "delta"))
+        _one_of(f"{prefix}.memory_type", self.memory_type, ("infini", "compressive", "xl"))
+        if self.memory_type != "infini":
+            self._validate_past_memory(prefix)  # (InfiniTransformerConfig checks them again)
         _one_of(f"{prefix}.normalization", self.normalization, ("RMSNorm", "LayerNorm"))
         _one_of(f"{prefix}.activation", self.activation, ("swiglu", "gelu"))
         _at_least(f"{prefix}.checkpoint_segments", self.checkpoint_segments, 0)
@@ -88,6 +101,22 @@ class ModelConfig:
                 f"{prefix}.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"{prefix}.num_query_groups ({groups})"
             )
+
+    def _validate_past_memory(self, prefix: str) -> None:
+        t, c, n_cm = self.memory_type, self.compression_rate, self.compressed_memory_length
+        n_m = self.segment_length if self.xl_memory_length is None else self.xl_memory_length
+        _at_least(f"{prefix}.xl_memory_length", n_m, 1)
+        if t == "compressive":
+            _at_least(f"{prefix}.compression_rate", c, 1)
+            _at_least(f"{prefix}.compressed_memory_length", 1 if n_cm is None else n_cm, 1)
+            if n_m % c or self.segment_length % c:
+                raise ConfigError(f"{prefix}.xl_memory_length ({n_m}) and {prefix}.segment_length "
+                                  f"({self.segment_length}) must be multiples of {prefix}.compression_rate ({c})")
+        _at_least(f"{prefix}.reconstruction_loss_weight", self.reconstruction_loss_weight, 0)
+        for key, bad in dict(memory_enabled=not self.memory_enabled, checkpoint_segments=self.checkpoint_segments,
+                             recompute_layers=self.recompute_layers).items():
+            if bad:
+                raise ConfigError(f"{prefix}.{key} is not supported with {prefix}.memory_type={t!r}; leave the default")
 
 
 @dataclass
@@ -282,6 +311,9 @@ class Config:
                 f"({m.segment_length}); set train.require_whole_segments=false to allow a short last segment"
             )
         cp = self.parallel.context_parallel_size
+        if cp > 1 and m.memory_type != "infini":
+            raise ConfigError(f"parallel.context_parallel_size ({cp}) > 1 is not supported with "
+                              f"model.memory_type={m.memory_type!r}; use 1")
         if cp > 1 and t.seq_length % (cp * m.segment_length):
             raise ConfigError(
                 f"train.seq_length ({t.seq_length}) must be a multiple of parallel.context_parallel_size ({cp}) "

@@ -22,6 +22,7 @@ from megatron_infini.data.dataset import PackedDocumentDataset, check_vocab
 from megatron_infini.data.preprocess import read_metadata
 from megatron_infini.data.tokenizer import Tokenizer
 from megatron_infini.flops import gpt_model_flops_per_step
+from megatron_infini.layers.compressive import reconstruction_loss, reconstruction_stats
 
 from . import exit_codes
 from .config import Config, ConfigError, dump_yaml
@@ -190,7 +191,8 @@ class Trainer:
                 losses = []
                 for _ in range(self.grad_acc):
                     loss = self.forward_loss(next(batches))
-                    self.engine.backward(loss)
+                    aux = reconstruction_loss(self.model)  # memory_type=compressive: trains the compressors only
+                    self.engine.backward(loss if aux is None else loss + aux)
                     self.engine.step()
                     losses.append(loss.detach())
                 self.step += 1
@@ -204,7 +206,7 @@ class Trainer:
                     "tokens_per_s": tokens_per_step / dt, "step_time_s": dt,
                     "tflops_per_gpu": self.flops_per_step / dt / dist.get_world_size() / 1e12,
                     "consumed_tokens": self.consumed_tokens, "peak_mem_gb": peak_memory_gb(),
-                    **gate_stats(self.model), **memory_stats(self.model),
+                    **gate_stats(self.model), **memory_stats(self.model), **reconstruction_stats(self.model),
                 }
                 if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
                     metrics["val_loss"] = self.evaluate()
