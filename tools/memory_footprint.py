@@ -14,7 +14,7 @@ N segment length:
     Full attention KV cache   2 * d_k * H * l * T                         (grows with the input length T)
 With grouped-query attention the memory and the caches are kept per key/value head (H = query
 groups). Numbers are counts of values; bytes use fp32 for the Infini memory (it is kept in fp32,
-INFINI.md) and --cache-bytes (default 2, bf16) for the caches.
+docs/infini.md) and --cache-bytes (default 2, bf16) for the caches.
 """
 
 from __future__ import annotations

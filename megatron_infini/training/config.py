@@ -173,7 +173,7 @@ class OptimizerConfig:
     eps: float = 1e-8
     """Adam epsilon."""
     gate_lr: float = 1e-2
-    """Learning rate of the Infini gates beta (INFINI.md: a global lr leaves ~95% of gates at 0.5)."""
+    """Learning rate of the Infini gates beta (docs/infini.md: a global lr leaves ~95% of gates at 0.5)."""
     clip_grad: float = 1.0
     """Clip the global gradient norm to this; 0 = off."""
     warmup_steps: int = 4
