@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -63,3 +65,12 @@ def run_cli(*args, timeout: float = 300) -> str:
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:]
     return proc.stdout
+
+
+def readme_tour() -> List[List[str]]:
+    """The commands of README.md's "five-minute tour", split as the shell would (comments dropped)."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as fh:
+        block = re.search(r"## A five-minute tour\s+```bash\n(.*?)```", fh.read(), re.S)
+    assert block, "README.md has no five-minute tour block"
+    return [shlex.split(line) for line in block.group(1).splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
