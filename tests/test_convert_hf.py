@@ -161,7 +161,7 @@ def _llama3_style_tokenizer(hf_dir):
 def test_export_loads_in_transformers_with_its_tokenizer(tmp_path):
     """HF Llama 3-style dir (rope scaling, tokenizer.json) -> ours -> to-hf: LlamaForCausalLM and
     AutoTokenizer load the export as is; its logits are the original model's."""
-    from convert_hf_llama import convert
+    from convert_hf_llama import main as convert_main
 
     from megatron_infini.data.tokenizer import Tokenizer
 
@@ -169,8 +169,9 @@ def test_export_loads_in_transformers_with_its_tokenizer(tmp_path):
     text = _llama3_style_tokenizer(tmp_path / "hf")
     ours_tok = Tokenizer(tmp_path / "hf")
     assert (ours_tok.kind, ours_tok.vocab_size, ours_tok.bos_id, ours_tok.eos_id) == ("huggingface", 400, 398, 399)
-    ckpt = convert(str(tmp_path / "hf"), DEBUG_CONFIG, str(tmp_path / "ours"),
-                   ["model.memory_enabled=false", "model.segment_length=64"], log=lambda m: None)
+    ckpt = str(tmp_path / "ours")  # the command line of docs/evaluation.md, in this process
+    assert convert_main(["--hf", str(tmp_path / "hf"), "--config", DEBUG_CONFIG, "--out", ckpt, "--tp", "2",
+                         "model.memory_enabled=false", "model.segment_length=64"]) == 0
     assert Tokenizer(os.path.join(ckpt, "tokenizer")).fingerprint == ours_tok.fingerprint
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     p = subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py"), "to-hf", ckpt,

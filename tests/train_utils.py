@@ -41,12 +41,13 @@ def read_metrics(run_dir: str) -> List[dict]:
 
 def train(run_dir, *overrides, nproc: int = 2, config: str = DEBUG_CONFIG, timeout: float = 300,
           env: dict = None) -> Run:
-    """`torchrun --nproc-per-node nproc -m megatron_infini.train` (plain python for nproc=0)."""
+    """`torchrun --nproc-per-node nproc -m megatron_infini.train`; for nproc=0 one process started as
+    `python -m megatron_infini train` (the `megatron-infini train` console script)."""
     if nproc:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                     "--standalone", "-m", "megatron_infini.train"]
     else:
-        launcher = [sys.executable, "-m", "megatron_infini.train"]
+        launcher = [sys.executable, "-m", "megatron_infini", "train"]
     cmd = launcher + ["--config", config, f"run_dir={run_dir}", "logging.progress_bar=false", *overrides]
     inherited = {k: v for k, v in os.environ.items()
                  if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
