@@ -5,6 +5,8 @@ a tokenizer, preprocess, train 2 steps, generate)."""
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from megatron_infini.data import preprocess as preprocess_mod
 from megatron_infini.data import train_tokenizer as train_tokenizer_mod
 from megatron_infini.data.preprocess import check_tokenizer, indexed_dataset_module, preprocess, read_metadata
 from megatron_infini.data.tokenizer import KINDS, Tokenizer, write_export_files
-from train_utils import run_cli, train
+from train_utils import DEBUG_CONFIG, REPO, Run, run_cli, train
 
 VALID = CORPUS_DIR / "shakespeare_valid.jsonl"
 ODD = "Year 1603:\n\n  two  spaces,\ttab, é, 漢字, emoji 🙂 and ~{braces}~"
@@ -127,9 +129,18 @@ def test_each_kind_end_to_end(tmp_path, tokenizers, kind):
     tok_path = tokenizers[kind]
     t = Tokenizer(tok_path)
     preprocess([VALID], t, tmp_path / "data", log=None)
-    run = train(tmp_path / "run", f"data.train_data={tmp_path / 'data'}", f"data.tokenizer={tok_path}",
-                "train.steps=2", "train.eval_interval=0", "deepspeed.zero_stage=0", nproc=0, timeout=300)
-    assert run.returncode == 0, run.output[-3000:]
+    overrides = [f"data.train_data={tmp_path / 'data'}", f"data.tokenizer={tok_path}", "train.steps=2",
+                 "train.eval_interval=0", "deepspeed.zero_stage=0"]
+    if kind == "huggingface":
+        run = train(tmp_path / "run", *overrides, nproc=0, timeout=300)  # python -m megatron_infini train
+        assert run.returncode == 0, run.output[-3000:]
+    else:  # docs/slurm.md's `python -m launch local` (torchrun on this machine), with one rank
+        run = Run(0, "", str(tmp_path / "run"))
+        env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONWARNINGS="ignore")
+        p = subprocess.run([sys.executable, "-m", "launch", "local", "--config", DEBUG_CONFIG, "--nproc", "1",
+                            f"run_dir={run.run_dir}", "logging.progress_bar=false", *overrides], cwd=REPO,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout[-3000:]
     ckpt = os.path.join(run.run_dir, "checkpoints", "iter_0000002")
     meta = json.load(open(os.path.join(ckpt, "meta.json")))
     assert meta["tokenizer"]["kind"] == kind and meta["tokenizer"]["fingerprint"] == t.fingerprint
@@ -145,3 +156,17 @@ def test_each_kind_end_to_end(tmp_path, tokenizers, kind):
     assert result["prompt_tokens"] == len(t.encode("ROMEO:", bos=True))
     assert len(result["ids"]) <= 6 and all(0 <= i < t.vocab_size for i in result["ids"])
     assert result["text"] == t.decode(result["ids"])
+
+
+def test_passkey_prompts_with_a_hugging_face_tokenizer(tokenizers):
+    """Evaluation prompts go through the same interface: exact lengths, the key decodes back."""
+    from megatron_infini.evaluation.passkey_data import PasskeyBuilder, parse_key
+
+    t = Tokenizer(tokenizers["huggingface"])
+    b = PasskeyBuilder(t)
+    assert b.intro[0] == t.bos_id
+    for depth in (0.0, 0.5, 1.0):
+        s = b.build(600, depth, 31337)
+        assert len(s.ids) == 600 and parse_key(t.decode(s.ids[s.needle_start:s.needle_end])) == 31337
+        assert t.decode(s.ids).endswith("What is the pass key? The pass key is")
+    assert t.decode(b.answer(42)).strip() == "42."
