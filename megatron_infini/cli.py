@@ -13,7 +13,7 @@ import sys
 SUBCOMMANDS = {
     "train": ("megatron_infini.train", "train (run under torchrun for several ranks)"),
     "launch": ("launch.cli", "submit a Slurm job or run torchrun locally"),
-    "train-tokenizer": ("megatron_infini.data.train_tokenizer", "train a sentencepiece tokenizer"),
+    "train-tokenizer": ("megatron_infini.data.train_tokenizer", "train a tokenizer (sentencepiece or Hugging Face)"),
     "preprocess": ("megatron_infini.data.preprocess", "tokenize text/JSONL into indexed shards"),
     "generate": ("megatron_infini.inference.generate", "stream a prompt of any length, then generate"),
     "eval": ("megatron_infini.evaluation.cli", "evaluate a checkpoint: passkey | passkey-data | perplexity"),

@@ -1,7 +1,7 @@
 """The one place that works around megatron-core's CUDA assumptions, for CPU-only machines.
 
 megatron-core 0.16 calls a few CUDA functions unconditionally on paths that are otherwise
-device-agnostic (see /work/shared/CPU-NOTES.md):
+device-agnostic:
 
 - `torch.cuda.current_device()` as the device of new tensors: sequence-parallel collectives,
   tensor-parallel linear layers, the global memory buffer, the dist_checkpointing saver.

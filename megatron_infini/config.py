@@ -21,7 +21,7 @@ from megatron_infini.ops import UPDATE_RULES
 MEMORY_TYPES = ("infini", "compressive", "xl")
 
 #: |gate_init| above this saturates the sigmoid: the memory path (very negative) or the
-#: local path (very positive) gets no gradient. INFINI.md: a -100 init killed the memory.
+#: local path (very positive) gets no gradient. docs/infini.md: a -100 init killed the memory.
 GATE_INIT_LIMIT = 10.0
 
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from train_utils import train
+from train_utils import REPO, readme_tour, train
 
 
 def pytest_collection_modifyitems(config, items):
@@ -21,8 +21,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def debug_run(tmp_path_factory):
-    """A 2-step debug-model training run with checkpoints, shared (read-only) by the CLI tests."""
-    run = train(tmp_path_factory.mktemp("debug") / "run", "train.steps=2", "train.eval_interval=0",
-                "deepspeed.zero_stage=0", nproc=0)
+    """The debug-model training run of README.md's five-minute tour, step 1 (2 ranks, 40 steps,
+    checkpoints at steps 20 and 40), shared read-only by the CLI tests; tests/test_docs.py runs
+    the tour's other commands on it."""
+    cmd = readme_tour()[0]  # torchrun --nproc-per-node 2 -m megatron_infini.train --config C run_dir=... k=v ...
+    assert cmd[:2] == ["torchrun", "--nproc-per-node"] and cmd[3:5] == ["-m", "megatron_infini.train"], cmd
+    assert cmd[5] == "--config", cmd
+    overrides = [a for a in cmd[7:] if not a.startswith("run_dir=")]
+    run = train(tmp_path_factory.mktemp("debug") / "run", *overrides, nproc=int(cmd[2]),
+                config=os.path.join(REPO, cmd[6]))
     assert run.returncode == 0, run.output[-3000:]
     return run.run_dir

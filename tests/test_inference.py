@@ -85,7 +85,7 @@ def test_generate_cli_accepts_run_checkpoints_and_iter_dirs(debug_run, tmp_path)
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("Enter PROSPERO and MIRANDA. " * 20)
     for ckpt in (debug_run, os.path.join(debug_run, "checkpoints"),
-                 os.path.join(debug_run, "checkpoints", "iter_0000002")):
+                 os.path.join(debug_run, "checkpoints", "iter_0000020")):
         out = tmp_path / "gen.json"
         _generate("--checkpoint", ckpt, "--prompt-file", str(prompt), "--max-new-tokens", "5", "--json", str(out))
         res = json.loads(out.read_text())

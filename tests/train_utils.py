@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -39,12 +41,13 @@ def read_metrics(run_dir: str) -> List[dict]:
 
 def train(run_dir, *overrides, nproc: int = 2, config: str = DEBUG_CONFIG, timeout: float = 300,
           env: dict = None) -> Run:
-    """`torchrun --nproc-per-node nproc -m megatron_infini.train` (plain python for nproc=0)."""
+    """`torchrun --nproc-per-node nproc -m megatron_infini.train`; for nproc=0 one process started as
+    `python -m megatron_infini train` (the `megatron-infini train` console script)."""
     if nproc:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                     "--standalone", "-m", "megatron_infini.train"]
     else:
-        launcher = [sys.executable, "-m", "megatron_infini.train"]
+        launcher = [sys.executable, "-m", "megatron_infini", "train"]
     cmd = launcher + ["--config", config, f"run_dir={run_dir}", "logging.progress_bar=false", *overrides]
     inherited = {k: v for k, v in os.environ.items()
                  if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
@@ -63,3 +66,12 @@ def run_cli(*args, timeout: float = 300) -> str:
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:]
     return proc.stdout
+
+
+def readme_tour() -> List[List[str]]:
+    """The commands of README.md's "five-minute tour", split as the shell would (comments dropped)."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as fh:
+        block = re.search(r"## A five-minute tour\s+```bash\n(.*?)```", fh.read(), re.S)
+    assert block, "README.md has no five-minute tour block"
+    return [shlex.split(line) for line in block.group(1).splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]

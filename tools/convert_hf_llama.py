@@ -14,9 +14,15 @@ at step 0 with a fresh optimizer. The weight mapping is
 `megatron_infini.checkpointing.convert.hf_to_megatron` (fused QKV per query group, SwiGLU
 fc1 = [gate; up]).
 
-Not supported (refused or warned): RoPE scaling (Llama 3.1 "llama3" rope_scaling: warned, our
-RoPE is unscaled), attention / MLP biases, rms_norm_eps other than 1e-5 (warned: our RMSNorm
-uses 1e-5).
+RoPE: `rope_theta` and the Llama 3.1 / 3.2 `rope_scaling` ("rope_type": "llama3", or
+transformers 5's `rope_parameters`) become `model.rotary_base` and `model.rope_scaling*`, so
+with memory off and one segment as long as the input the logits equal Hugging Face's. The
+directory's tokenizer (tokenizer.json, else tokenizer.model) is copied into the checkpoint's
+`tokenizer/`, where `megatron-infini generate` and `eval` find it.
+
+Not supported (refused or warned): other RoPE types (linear, dynamic, yarn: refused), attention
+/ MLP biases, rms_norm_eps other than 1e-5 (warned: our RMSNorm uses 1e-5). The model section
+of `--config` must agree with the printed shape for training to load the checkpoint.
 """
 
 from __future__ import annotations
@@ -46,7 +52,8 @@ def read_hf_tensors(hf_dir: str) -> dict:
 
 
 def convert(hf_dir: str, base_config: str, out_dir: str, overrides=(), tp: int = 1, log=print) -> str:
-    from megatron_infini.checkpointing.convert import hf_to_megatron, torch_to_checkpoint
+    from megatron_infini.checkpointing.convert import (hf_rope_fields, hf_to_megatron, hf_tokenizer_path,
+                                                       torch_to_checkpoint)
     from megatron_infini.training.config import load_config, to_dict
 
     with open(os.path.join(hf_dir, "config.json")) as fh:
@@ -55,9 +62,6 @@ def convert(hf_dir: str, base_config: str, out_dir: str, overrides=(), tp: int =
         raise ValueError(f"{hf_dir}: model_type {hc.get('model_type')!r} is not llama")
     if hc.get("attention_bias") or hc.get("mlp_bias"):
         raise ValueError(f"{hf_dir}: attention_bias / mlp_bias are not supported (Llama has none)")
-    if hc.get("rope_scaling"):
-        log(f"WARNING: rope_scaling {hc['rope_scaling']} is ignored: RoPE is unscaled here "
-            "(in-segment positions never exceed segment_length)")
     if abs(hc.get("rms_norm_eps", 1e-5) - 1e-5) > 1e-12:
         log(f"WARNING: rms_norm_eps {hc['rms_norm_eps']} differs from our RMSNorm's 1e-5")
     nh = hc["num_attention_heads"]
@@ -70,7 +74,7 @@ def convert(hf_dir: str, base_config: str, out_dir: str, overrides=(), tp: int =
     shape = [f"model.num_layers={hc['num_hidden_layers']}", f"model.hidden_size={hc['hidden_size']}",
              f"model.ffn_hidden_size={hc['intermediate_size']}", f"model.num_attention_heads={nh}",
              f"model.num_query_groups={ng}", f"model.vocab_size={hc['vocab_size']}",
-             f"model.rotary_base={int(hc.get('rope_theta', 10000))}",
+             *(f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in hf_rope_fields(hc).items()),
              f"model.untie_embeddings={str(not hc.get('tie_word_embeddings', False)).lower()}",
              "model.normalization=RMSNorm", "model.activation=swiglu"]
     cfg = load_config(base_config, [*shape, *overrides])
@@ -81,11 +85,14 @@ def convert(hf_dir: str, base_config: str, out_dir: str, overrides=(), tp: int =
     if m["memory_enabled"]:
         for i in range(m["num_layers"]):
             sd[f"decoder.layers.{i}.self_attention.core_attention.gate"] = torch.full((nh,), float(m["gate_init"]))
-    blob = {"model": sd, "config": to_dict(cfg), "vocab_size": hc["vocab_size"], "step": 0}
+    blob = {"model": sd, "config": to_dict(cfg), "vocab_size": hc["vocab_size"], "step": 0,
+            "tokenizer": hf_tokenizer_path(hf_dir)}
     path = torch_to_checkpoint(blob, out_dir)
+    rope = f"rope_scaling llama3 x{m['rope_scaling_factor']}" if m["rope_scaling"] else "no rope_scaling"
     log(f"wrote {path}: {m['num_layers']} layers, {nh} heads ({ng} kv), vocab {hc['vocab_size']}, "
         f"memory {'on, gates ' + str(m['gate_init']) if m['memory_enabled'] else 'off'}, "
-        f"segment_length {m['segment_length']}")
+        f"segment_length {m['segment_length']}, rotary_base {m['rotary_base']}, {rope}, "
+        f"tokenizer {blob['tokenizer'] or 'none found'}")
     return path
 
 

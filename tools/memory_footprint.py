@@ -16,7 +16,7 @@ For a config with model.memory_type compressive / xl, the memory of that config 
     (n_m + n_cm) * H * (d_k + d_v + 1) per layer (keys, values and a valid flag per slot).
 With grouped-query attention the memory and the caches are kept per key/value head (H = query
 groups). Numbers are counts of values; bytes use fp32 for the Infini memory (it is kept in fp32,
-INFINI.md) and --cache-bytes (default 2, bf16) for the caches.
+docs/infini.md) and --cache-bytes (default 2, bf16) for the caches.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     d.add_argument("--valid-samples", type=int, default=64)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--intro", action="store_true", help="start with the passkey protocol's introduction")
-    d.add_argument("--tokenizer", default="", help="sentencepiece model (default: the shipped one)")
+    d.add_argument("--tokenizer", default="", help="tokenizer: .model, tokenizer.json or a directory (default: the shipped one)")
     e = sub.add_parser("eval", help="accuracy with memory on vs off")
     e.add_argument("--checkpoint", required=True, help="run directory, its checkpoints/ directory, or an iter_ directory")
     e.add_argument("--samples", type=int, default=200)

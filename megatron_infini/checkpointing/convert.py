@@ -10,7 +10,8 @@ Megatron's fused layouts, undone here:
 The Infini gate logits beta of layer i [nh] become `model.layers.{i}.self_attn.infini_gate`.
 
 A "torch" file is {"model": TP=1 state dict, "config": resolved config dict, "vocab_size": V,
-"step": step}. An imported checkpoint (from-torch / from-hf) holds model weights only
+"step": step, "tokenizer": path of the tokenizer file (optional; copied into checkpoints made
+from the blob and into Hugging Face exports)}. An imported checkpoint (from-torch / from-hf) holds model weights only
 (meta.json `weights_only: true`): resuming from it starts at step 0 with a fresh optimizer.
 """
 
@@ -101,6 +102,41 @@ def hf_to_megatron(hf: Dict[str, Tensor], model_cfg: dict) -> Dict[str, Tensor]:
     return {k: v.contiguous().clone() for k, v in sd.items()}
 
 
+_ROPE_KEYS = (("rope_scaling_factor", "factor"), ("rope_scaling_low_freq_factor", "low_freq_factor"),
+              ("rope_scaling_high_freq_factor", "high_freq_factor"),
+              ("rope_scaling_original_max_position", "original_max_position_embeddings"))
+
+
+def hf_rope_fields(hc: dict) -> dict:
+    """Our `model.*` RoPE fields from a Hugging Face Llama config.json: `rope_theta` and
+    `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5).
+
+    Raises:
+        ValueError: a rope_type other than default and llama3 (linear, dynamic, yarn, ...).
+    """
+    params = {**(hc.get("rope_parameters") or {}), **(hc.get("rope_scaling") or {})}
+    theta = hc.get("rope_theta", params.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    fields = {"rotary_base": int(theta), "rope_scaling": rope_type == "llama3"}
+    if rope_type == "llama3":
+        fields.update({ours: params[theirs] for ours, theirs in _ROPE_KEYS if theirs in params})
+    elif rope_type not in (None, "default"):
+        raise ValueError(f"rope_type {rope_type!r} is not supported (default and llama3 are)")
+    return fields
+
+
+def hf_rope_config(m: dict) -> dict:
+    """Inverse of `hf_rope_fields`, written as transformers 4 and 5 both read it."""
+    out = {"rope_theta": float(m["rotary_base"])}
+    if m.get("rope_scaling"):
+        from megatron_infini.training.config import ModelConfig
+
+        default = ModelConfig()
+        out["rope_scaling"] = {"rope_type": "llama3",
+                               **{theirs: m.get(ours, getattr(default, ours)) for ours, theirs in _ROPE_KEYS}}
+    return out
+
+
 def hf_config(cfg: dict, vocab_size: int) -> dict:
     """config.json of the Llama model (Infini settings and our full config kept alongside)."""
     from megatron_infini.training.model import ffn_size
@@ -120,7 +156,7 @@ def hf_config(cfg: dict, vocab_size: int) -> dict:
         "vocab_size": vocab_size,
         "max_position_embeddings": cfg["train"]["seq_length"],
         "rms_norm_eps": 1e-5,
-        "rope_theta": float(m["rotary_base"]),
+        **hf_rope_config(m),
         "hidden_act": "silu",
         "tie_word_embeddings": not m.get("untie_embeddings", True),
         "attention_bias": False,
@@ -186,7 +222,11 @@ def checkpoint_to_torch(ckpt: str) -> dict:
         _, model = _build_tp1_model(cfg_dict, vocab)
         state = dist_checkpointing.load(model.sharded_state_dict(), os.path.join(ckpt, "model"))
         model.load_state_dict({k: v for k, v in state.items() if not k.startswith("infini_memory.")}, strict=True)
-        return {"model": _plain_state(model), "config": cfg_dict, "vocab_size": vocab, "step": meta["step"]}
+        blob = {"model": _plain_state(model), "config": cfg_dict, "vocab_size": vocab, "step": meta["step"]}
+        tokenizer = checkpoint_tokenizer(ckpt, cfg_dict)
+        if tokenizer:
+            blob["tokenizer"] = tokenizer
+        return blob
     finally:
         destroy_distributed()
 
@@ -215,6 +255,12 @@ def torch_to_checkpoint(blob: dict, out_dir: str) -> str:
             json.dump(meta, fh, indent=1)
         with open(os.path.join(tmp, "config.yaml"), "w") as fh:
             yaml.safe_dump(blob["config"], fh, sort_keys=False)
+        if blob.get("tokenizer"):  # kept beside the weights, as training runs do
+            from megatron_infini.data.tokenizer import Tokenizer
+
+            os.makedirs(os.path.join(tmp, "tokenizer"))
+            for name, src in Tokenizer(blob["tokenizer"]).source_files().items():
+                shutil.copyfile(src, os.path.join(tmp, "tokenizer", name))
         mf.write_manifest(tmp, {"step": 0})
     finally:
         destroy_distributed()
@@ -225,11 +271,21 @@ def torch_to_checkpoint(blob: dict, out_dir: str) -> str:
 
 
 def save_hf(blob: dict, out_dir: str) -> str:
-    """Write config.json and model.safetensors (pytorch_model.bin without safetensors)."""
+    """Write config.json, model.safetensors (pytorch_model.bin without safetensors) and, when
+    the blob names its tokenizer, the tokenizer files (tokenizer.json or tokenizer.model, and
+    tokenizer_config.json)."""
     os.makedirs(out_dir, exist_ok=True)
     tensors = megatron_to_hf(blob["model"], blob["config"]["model"])
+    hc = hf_config(blob["config"], blob["vocab_size"])
+    if blob.get("tokenizer"):  # AutoTokenizer loads out_dir as is
+        from megatron_infini.data.tokenizer import Tokenizer, write_export_files
+
+        tok = Tokenizer(blob["tokenizer"])
+        write_export_files(tok, out_dir)
+        hc.update(bos_token_id=tok.bos_id if tok.bos_id >= 0 else None, eos_token_id=tok.eos_id,
+                  pad_token_id=tok.pad_id)
     with open(os.path.join(out_dir, "config.json"), "w") as fh:
-        json.dump(hf_config(blob["config"], blob["vocab_size"]), fh, indent=1)
+        json.dump(hc, fh, indent=1)
     try:
         from safetensors.torch import save_file
     except ImportError:
@@ -263,9 +319,39 @@ def load_hf(hf_dir: str, base_config: Optional[dict] = None) -> dict:
     m.update(num_layers=hc["num_hidden_layers"], hidden_size=hc["hidden_size"],
              ffn_hidden_size=hc["intermediate_size"], num_attention_heads=hc["num_attention_heads"],
              num_query_groups=hc.get("num_key_value_heads", hc["num_attention_heads"]),
-             rotary_base=int(hc.get("rope_theta", 10000)), untie_embeddings=not hc.get("tie_word_embeddings", False),
-             normalization="RMSNorm", activation="swiglu", vocab_size=hc["vocab_size"])
+             untie_embeddings=not hc.get("tie_word_embeddings", False),
+             normalization="RMSNorm", activation="swiglu", vocab_size=hc["vocab_size"], **hf_rope_fields(hc))
     m.update(hc.get("infini_attention", {}))
     if not any(k.endswith(INFINI_GATE) for k in tensors):
         m["memory_enabled"] = False  # a plain Llama: no gates, no memory
-    return {"model": hf_to_megatron(tensors, m), "config": cfg, "vocab_size": hc["vocab_size"], "step": 0}
+    blob = {"model": hf_to_megatron(tensors, m), "config": cfg, "vocab_size": hc["vocab_size"], "step": 0}
+    if hf_tokenizer_path(hf_dir):
+        blob["tokenizer"] = hf_tokenizer_path(hf_dir)
+    return blob
+
+
+def hf_tokenizer_path(hf_dir: str) -> Optional[str]:
+    """The tokenizer file of a Hugging Face model directory (tokenizer.json, else
+    tokenizer.model), or None."""
+    from megatron_infini.data.tokenizer import resolve_tokenizer_path
+
+    try:
+        return resolve_tokenizer_path(hf_dir)[1]
+    except ValueError:
+        return None
+
+
+def checkpoint_tokenizer(ckpt: str, cfg_dict: dict) -> Optional[str]:
+    """The tokenizer of a checkpoint: the copy kept in it, else the run's data.tokenizer, else
+    (data.tokenizer empty) the shipped one; None when the configured file is gone."""
+    from megatron_infini.data import SHAKESPEARE_TOKENIZER
+    from megatron_infini.data.tokenizer import resolve_tokenizer_path
+
+    saved = os.path.join(ckpt, "tokenizer")
+    configured = cfg_dict.get("data", {}).get("tokenizer") or str(SHAKESPEARE_TOKENIZER)
+    for path in (saved, configured):
+        try:
+            return resolve_tokenizer_path(path)[1]
+        except ValueError:
+            continue
+    return None

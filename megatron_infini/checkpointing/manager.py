@@ -6,7 +6,8 @@ One checkpoint, `checkpoints/iter_NNNNNNN/`:
                     used when the tensor-parallel size changed)
     trainer/rank_RRRRR.pt   step, tokens, data position, RNG states of that rank
     config.yaml     the run's resolved config (what tools/convert_checkpoint.py builds from)
-    meta.json       step, consumed tokens, parallel sizes, vocabulary size, wandb id
+    meta.json       step, consumed tokens, parallel sizes, vocabulary size, wandb id, tokenizer
+    tokenizer/      a copy of the tokenizer's files (tokenizer.model or tokenizer.json), when given
     manifest.json   every file with size and checksum (written last)
 
 The learning-rate schedule is a pure function of the step (training/schedule.py), so the step
@@ -32,7 +33,7 @@ import shutil
 import signal
 import sys
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -161,8 +162,10 @@ class CheckpointManager:
     """
 
     def __init__(self, run_dir: str, engine, model, keep_last: int, tp_size: int,
-                 memory_in_checkpoint: Callable[[], bool] = lambda: False):
+                 memory_in_checkpoint: Callable[[], bool] = lambda: False,
+                 files: Optional[Dict[str, str]] = None):
         self.root = os.path.join(run_dir, "checkpoints")
+        self.files = dict(files or {})  # copied into every checkpoint: name inside it -> source path
         self.engine, self.model = engine, model
         self.keep_last, self.tp_size = keep_last, tp_size
         self.memory_in_checkpoint = memory_in_checkpoint
@@ -216,6 +219,9 @@ class CheckpointManager:
         run_config = os.path.join(os.path.dirname(self.root), "config.yaml")
         if os.path.isfile(run_config):  # written by the trainer at start, after resolving
             shutil.copyfile(run_config, os.path.join(tmp, "config.yaml"))
+        for name, src in self.files.items():  # e.g. tokenizer/tokenizer.model
+            os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
+            shutil.copyfile(src, os.path.join(tmp, name))
 
     def _save_model(self, path: str) -> None:
         os.makedirs(path, exist_ok=True) if _rank() == 0 else None

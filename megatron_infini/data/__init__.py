@@ -1,7 +1,8 @@
 """Data pipeline: tokenizer, preprocessing into indexed shards, packed training sequences.
 
-- `tokenizer`: `Tokenizer`, a thin wrapper over a sentencepiece model.
-- `train_tokenizer`: trains a sentencepiece model from text / JSONL files (`main(argv)` is the CLI).
+- `tokenizer`: `Tokenizer`, one interface over sentencepiece models and Hugging Face
+  `tokenizer.json` files, chosen by the file given.
+- `train_tokenizer`: trains either kind from text / JSONL files (`main(argv)` is the CLI).
 - `preprocess`: text / JSONL -> Megatron-core indexed dataset (`.bin` + `.idx`) (`main(argv)`).
 - `dataset`: `PackedDocumentDataset`, fixed-length sequences cut from whole documents packed
   back to back in a seeded per-epoch order, sharded over data-parallel ranks, resumable.

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=25600, help="documents (400 steps x batch 64 = 25600)")
     p.add_argument("--key-digits", type=int, default=None, help="default: keys in 1..50000")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokenizer", default="", help="sentencepiece model (default: the shipped one)")
+    p.add_argument("--tokenizer", default="", help="tokenizer: .model, tokenizer.json or a directory (default: the shipped one)")
     args = p.parse_args(argv)
     tok = Tokenizer(args.tokenizer or SHAKESPEARE_TOKENIZER)
     length = parse_size(args.length)

@@ -1,4 +1,4 @@
-"""Passkey retrieval (INFINI.md protocol): accuracy per input length x needle depth.
+"""Passkey retrieval (protocol in docs/infini.md): accuracy per input length x needle depth.
 
     megatron-infini eval passkey --checkpoint runs/x --lengths 4k,32k,128k,1m \\
         --depths 0,0.25,0.5,0.75,1 --samples 5 --json passkey.json

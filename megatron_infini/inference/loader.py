@@ -63,8 +63,9 @@ def load_model_for_inference(
         tp: tensor-parallel size to build at (must match the session's).
         overrides: dotted config overrides applied to the saved config (e.g.
             "model.segment_length=128"; shape fields must not change).
-        tokenizer_path: sentencepiece model; default the run's `data.tokenizer`, else the
-            shipped Shakespeare tokenizer.
+        tokenizer_path: sentencepiece `.model` or Hugging Face `tokenizer.json` (or a directory);
+            default the copy kept in the checkpoint's `tokenizer/`, else the run's
+            `data.tokenizer`, else the shipped Shakespeare tokenizer.
 
     Returns:
         (model in eval mode, float32, resolved `Config`, `Tokenizer`).
@@ -79,7 +80,9 @@ def load_model_for_inference(
     ckpt = resolve_checkpoint(checkpoint_path)
     cfg = read_run_config(ckpt, [f"parallel.tensor_model_parallel_size={tp}", "parallel.sequence_parallel=false",
                                  "model.recompute_layers=false", *overrides])
-    tokenizer = Tokenizer(tokenizer_path or cfg.data.tokenizer or SHAKESPEARE_TOKENIZER)
+    saved = os.path.join(ckpt, "tokenizer")  # the copy a training run keeps with its checkpoints
+    tokenizer = Tokenizer(tokenizer_path or (saved if os.path.isdir(saved) else cfg.data.tokenizer)
+                          or SHAKESPEARE_TOKENIZER)
     meta_path = os.path.join(ckpt, "meta.json")
     meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {}
     vocab = meta.get("vocab_size") or cfg.model.vocab_size or padded_vocab_size(tokenizer.vocab_size, tp)

@@ -12,7 +12,7 @@ Shape legend (Megatron, sequence first):
     memory M [b, ng, hn, hn] float32, z [b, ng, hn] float32; output [s, b, h].
 
 Positions: the memory reads q/k *before* RoPE; the local (in-segment) softmax attention reads
-q/k rotated with in-segment positions 0..N-1 (INFINI.md), so no position beyond N is ever
+q/k rotated with in-segment positions 0..N-1 (docs/infini.md), so no position beyond N is ever
 seen, whatever the input length, and a stream cut at segment boundaries sees the same
 positions as one long call.
 """
@@ -88,7 +88,7 @@ class InfiniCoreAttention(MegatronModule):
                            dtype=config.params_dtype, device=param_device(config))
             )  # [np]
             set_tensor_model_parallel_attributes(self.gate, is_parallel=True, dim=0, stride=1)
-            self.gate.infini_gate = True  # for optimizer groups: own lr, no weight decay (INFINI.md)
+            self.gate.infini_gate = True  # for optimizer groups: own lr, no weight decay (docs/infini.md)
         else:
             self.gate = None
         self.carry_memory = False

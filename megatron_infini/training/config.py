@@ -73,6 +73,16 @@ class ModelConfig:
     """swiglu (Llama) | gelu."""
     rotary_base: int = 10000
     """RoPE base (Llama 3 uses 500000)."""
+    rope_scaling: bool = False
+    """Llama 3.1 / 3.2 RoPE frequency scaling (Hugging Face rope_type "llama3"), with the factors below."""
+    rope_scaling_factor: float = 8.0
+    """Llama 3 scaling: long wavelengths are stretched by this (Llama 3.1: 8, Llama 3.2: 32)."""
+    rope_scaling_low_freq_factor: float = 1.0
+    """Llama 3 scaling: wavelengths longer than original_max_position / this are fully stretched."""
+    rope_scaling_high_freq_factor: float = 4.0
+    """Llama 3 scaling: wavelengths shorter than original_max_position / this are unchanged."""
+    rope_scaling_original_max_position: int = 8192
+    """Llama 3 scaling: the context length the unscaled model was trained on."""
     init_method_std: float = 0.02
     """Std of the normal weight initialisation."""
     untie_embeddings: bool = True
@@ -90,6 +100,15 @@ class ModelConfig:
         _one_of(f"{prefix}.normalization", self.normalization, ("RMSNorm", "LayerNorm"))
         _one_of(f"{prefix}.activation", self.activation, ("swiglu", "gelu"))
         _at_least(f"{prefix}.checkpoint_segments", self.checkpoint_segments, 0)
+        if self.rope_scaling:
+            from megatron_infini.rope import check_llama3_scaling
+
+            try:
+                check_llama3_scaling(self.rope_scaling_factor, self.rope_scaling_low_freq_factor,
+                                     self.rope_scaling_high_freq_factor, self.rope_scaling_original_max_position,
+                                     prefix=f"{prefix}.rope_scaling")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"{prefix}.hidden_size ({self.hidden_size}) must be divisible by "
@@ -150,7 +169,8 @@ class DataConfig:
     """Prefix of preprocessed validation data; empty: the shipped validation play when train_data is
     empty too, else no validation."""
     tokenizer: str = ""
-    """sentencepiece .model file; empty: the tokenizer shipped with the package."""
+    """Tokenizer the data was made with: a sentencepiece .model, a Hugging Face tokenizer.json, or a
+    directory holding one; empty: the tokenizer shipped with the package."""
     seed: int = 1234
     """Seed of the document order."""
 
@@ -202,7 +222,7 @@ class OptimizerConfig:
     eps: float = 1e-8
     """Adam epsilon."""
     gate_lr: float = 1e-2
-    """Learning rate of the Infini gates beta (INFINI.md: a global lr leaves ~95% of gates at 0.5)."""
+    """Learning rate of the Infini gates beta (docs/infini.md: a global lr leaves ~95% of gates at 0.5)."""
     clip_grad: float = 1.0
     """Clip the global gradient norm to this; 0 = off."""
     warmup_steps: int = 4

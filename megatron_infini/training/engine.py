@@ -47,7 +47,7 @@ def is_gate(param: torch.nn.Parameter) -> bool:
 
 def param_groups(model: torch.nn.Module, cfg: Config) -> List[Dict[str, Any]]:
     """AdamW groups: matrices with weight decay; norms and biases without; the Infini gates
-    with their own learning rate and no weight decay (INFINI.md: at the global lr with weight
+    with their own learning rate and no weight decay (docs/infini.md: at the global lr with weight
     decay ~95% of gates stay stuck at 0.5)."""
     opt = cfg.optimizer
     decay, no_decay, gates = [], [], []

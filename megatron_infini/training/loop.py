@@ -19,7 +19,7 @@ from megatron_infini.checkpointing import CheckpointManager, restore_rng
 from megatron_infini.checkpointing import rng as rng_state
 from megatron_infini.data import SHAKESPEARE_TOKENIZER, SHAKESPEARE_TRAIN_PREFIX, SHAKESPEARE_VALID_PREFIX
 from megatron_infini.data.dataset import PackedDocumentDataset, check_vocab
-from megatron_infini.data.preprocess import read_metadata
+from megatron_infini.data.preprocess import check_tokenizer, read_metadata
 from megatron_infini.data.tokenizer import Tokenizer
 from megatron_infini.flops import gpt_model_flops_per_step
 from megatron_infini.layers.compressive import reconstruction_loss, reconstruction_stats
@@ -86,12 +86,12 @@ class Trainer:
 
         # Cheap checks first: data and tokenizer problems surface before any model is built.
         tokenizer = Tokenizer(tok_path)
-        meta = read_metadata(train_prefix)
-        if meta is not None and meta.get("tokenizer_vocab_size") not in (None, tokenizer.vocab_size):
-            raise ConfigError(
-                f"data.tokenizer {tok_path!r} has {tokenizer.vocab_size} tokens but {train_prefix!r} was "
-                f"tokenized with {meta['tokenizer_vocab_size']}; use the tokenizer the data was made with"
-            )
+        for prefix in filter(None, (train_prefix, valid_prefix)):
+            try:
+                check_tokenizer(read_metadata(prefix), tokenizer, prefix)
+            except ValueError as e:
+                raise ConfigError(f"data.tokenizer {e}") from None
+        self.tokenizer = tokenizer
         tp = cfg.parallel.tensor_model_parallel_size
         self.vocab_size = cfg.model.vocab_size or padded_vocab_size(tokenizer.vocab_size, tp)
         check_vocab(tokenizer.vocab_size, self.vocab_size)
@@ -104,7 +104,9 @@ class Trainer:
         self.model = build_model(cfg, self.vocab_size, bf16=use_bf16(cfg))
         self.engine, self.optimizer = build_engine(self.model, cfg, self.dp)
         self.grad_acc = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp)
-        self.ckpt = CheckpointManager(cfg.run_dir, self.engine, self.model, cfg.checkpoint.keep_last, tp)
+        self.ckpt = CheckpointManager(cfg.run_dir, self.engine, self.model, cfg.checkpoint.keep_last, tp,
+                                      files={f"tokenizer/{name}": path
+                                             for name, path in tokenizer.source_files().items()})
         self.step = 0
         self.consumed_tokens = 0
         self.wandb_id: Optional[str] = None
@@ -137,7 +139,8 @@ class Trainer:
     def save(self, logger: MetricsLogger) -> None:
         t0 = time.perf_counter()
         path = self.ckpt.save(self.step, self.trainer_state(),
-                              {"wandb_id": logger.wandb_id, "consumed_tokens": self.consumed_tokens})
+                              {"wandb_id": logger.wandb_id, "consumed_tokens": self.consumed_tokens,
+                               "tokenizer": self.tokenizer.describe()})
         logger.event("checkpoint", step=self.step, path=path, seconds=round(time.perf_counter() - t0, 3))
 
     # ------------------------------------------------------------------ steps

@@ -81,6 +81,12 @@ def build_model(cfg: Config, vocab_size: int, bf16: bool = False):
         rotary_base=cfg.model.rotary_base,
         share_embeddings_and_output_weights=not cfg.model.untie_embeddings,
     )
+    if cfg.model.rope_scaling:  # Llama 3.x; Megatron's own rope_scaling fixes 3 of the 4 parameters
+        from megatron_infini.rope import apply_llama3_rope_scaling
+
+        m = cfg.model
+        apply_llama3_rope_scaling(model, m.rope_scaling_factor, m.rope_scaling_low_freq_factor,
+                                  m.rope_scaling_high_freq_factor, m.rope_scaling_original_max_position)
     if config.context_parallel_size > 1:  # RoPE table unsliced: in-segment positions on every rank
         from megatron_infini.parallel import setup_context_parallel
 

@@ -1,7 +1,7 @@
 """Per-layer diagnostics of the Infini memory, for metrics.jsonl and W&B.
 
 - gate statistics: mean sigmoid(beta) and the share of heads below 0.1 / above 0.9 (a
-  reproduction found ~95% of gates stuck at 0.5 without the gate's own lr; INFINI.md);
+  reproduction found ~95% of gates stuck at 0.5 without the gate's own lr; docs/infini.md);
 - memory-state norms: Frobenius norm of M and mean of z after the last forward pass.
 Heads are split over tensor-parallel ranks, so sums and counts are reduced over that group.
 """
