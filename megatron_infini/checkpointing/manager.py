@@ -1,12 +1,15 @@
 """Save and resume training state under run_dir/checkpoints.
 
 One checkpoint, `checkpoints/iter_NNNNNNN/`:
-    model/          model weights (and carried memory), Megatron dist_checkpointing (reshardable)
-    deepspeed/      DeepSpeed engine state: optimizer sharded by ZeRO (its module copy is not
-                    used when the tensor-parallel size changed)
+    model/          Megatron dist_checkpointing, reshardable to any tp / cp / dp layout: model
+                    weights (and carried memory) and the optimizer state laid out like them
+                    (`optimizer.*` keys, see optimizer_state.py); every data-parallel rank
+                    writes its share (fully parallel save)
+    deepspeed/      ZeRO-3 only: DeepSpeed's own engine checkpoint (same layout to resume)
     trainer/rank_RRRRR.pt   step, tokens, data position, RNG states of that rank
     config.yaml     the run's resolved config (what tools/convert_checkpoint.py builds from)
-    meta.json       step, consumed tokens, parallel sizes, vocabulary size, wandb id
+    meta.json       step, consumed tokens, parallel layout, model signature, optimizer step
+                    and state keys, wandb id
     manifest.json   every file with size and checksum (written last)
 
 The learning-rate schedule is a pure function of the step (training/schedule.py), so the step
@@ -14,12 +17,18 @@ is all of it that needs saving. Loading reads only the files the manifest lists,
 `torch.load(weights_only=True)` for ours; the pickles inside model/common.pt and deepspeed/
 are what the Megatron and DeepSpeed formats require.
 
+On a layout change (tensor-, context- or data-parallel size, ZeRO stage 0/1/2) weights and
+optimizer state reshard; the data position is global and continues; per-rank RNG streams
+cannot map onto other ranks, so every rank keeps the stream seeded from train.seed at start
+(nothing in the model draws random numbers with dropout 0, the default).
+
 Publishing is atomic: everything goes into `iter_NNNNNNN.tmp/`, the manifest is written, the
 directory is renamed, and only then is `latest_checkpointed_iteration.txt` updated. A crash at
 any point leaves the previous checkpoint as the latest complete one.
 
 Test hook: MEGATRON_INFINI_TEST_CRASH_AFTER=model|deepspeed|manifest makes rank 0 kill itself
-with SIGKILL right after that phase of a save (before the rename), so tests can check that a
+with SIGKILL right after that phase of a save ("deepspeed" comes right after "model" unless
+ZeRO-3 writes its own state) (before the rename), so tests can check that a
 save cut short never looks complete.
 """
 
@@ -36,7 +45,9 @@ from typing import Callable, List, Optional
 import torch
 import torch.distributed as dist
 
+from . import layout
 from . import manifest as mf
+from . import optimizer_state as opt_state
 from . import rng
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -122,22 +133,55 @@ def resolve_checkpoint(path: str) -> str:
                             "checkpoints/ directory, or an iter_NNNNNNN directory)")
 
 
-def dist_save(sharded: dict, path: str) -> None:
+def dist_save(sharded: dict, path: str, parallel_group=None) -> None:
     """`dist_checkpointing.save`, synchronous, without Megatron's helper process.
 
     Megatron passes the write results of a save through a queue it creates on first use with a
     spawn-context multiprocessing Manager: a fresh interpreter (seconds per process), and one
     that outlives a rank killed mid-save. A synchronous save uses that queue only inside this
     process, so an in-process queue does the same job.
+
+    parallel_group: ranks holding replicas of the same tensors (the data-parallel group):
+    Megatron's FullyParallelSaveStrategyWrapper deals the replicated tensors out over them,
+    so each writes a share instead of data-parallel rank 0 writing everything.
     """
     import queue
 
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
     from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
     if getattr(filesystem_async, "_results_queue", False) is None:  # not created yet
         filesystem_async._results_queue = queue.Queue()
-    dist_checkpointing.save(sharded, path)
+    strategy = None
+    if parallel_group is not None and dist.get_world_size(parallel_group) > 1:
+        strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), parallel_group)
+    dist_checkpointing.save(sharded, path, sharded_strategy=strategy)
+
+
+def dist_load(sharded: dict, path: str, parallel_group=None) -> dict:
+    """`dist_checkpointing.load`; with `parallel_group`, each replica is read from storage by
+    one rank of the group and exchanged (Megatron's FullyParallelLoadStrategyWrapper: broadcasts
+    on GPU; on CPU, where those need CUDA, an all_gather_object)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+    strategy = None
+    if parallel_group is not None and dist.get_world_size(parallel_group) > 1:
+        algo = "broadcast" if torch.cuda.is_available() else "gather_object"
+        strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(path), parallel_group,
+                                                    exchange_algo=algo)
+    return dist_checkpointing.load(sharded, path, sharded_strategy=strategy)
+
+
+def _dp_group():
+    from megatron.core import parallel_state as ps
+
+    if not (dist.is_initialized() and ps.model_parallel_is_initialized()):
+        return None
+    return ps.get_data_parallel_group(with_context_parallel=True)
 
 
 class CheckpointManager:
@@ -158,6 +202,9 @@ class CheckpointManager:
         self.saved_steps: List[int] = []
         self.fresh_optimizer_at: Optional[int] = None  # step where a layout change reset the optimizer
 
+    def _zero3(self) -> bool:
+        return getattr(self.engine, "zero_optimization_stage", lambda: 0)() == 3
+
     # ------------------------------------------------------------------ save
 
     def save(self, step: int, trainer_state: dict, meta: dict) -> str:
@@ -171,13 +218,14 @@ class CheckpointManager:
             os.makedirs(os.path.join(tmp, "trainer"))
         _barrier()
 
-        self._save_model(os.path.join(tmp, "model"))
+        optimizer_info = self._save_state(os.path.join(tmp, "model"))
         _crash_point("model")
-        self.engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="state", save_latest=False)
+        if self._zero3():
+            self.engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="state", save_latest=False)
         _crash_point("deepspeed")
         torch.save(trainer_state, os.path.join(tmp, "trainer", f"rank_{_rank():05d}.pt"))
         if _rank() == 0:
-            self._write_meta(tmp, step, meta)
+            self._write_meta(tmp, step, dict(meta, optimizer=optimizer_info))
         _barrier()
         mf.write_manifest(tmp, {"step": step})
         _barrier()
@@ -192,10 +240,9 @@ class CheckpointManager:
         return final
 
     def _write_meta(self, tmp: str, step: int, meta: dict) -> None:
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        full = dict(meta, step=step, world_size=world, tensor_model_parallel_size=self.tp_size,
+        full = dict(meta, step=step, **layout.parallel_layout(self.engine, self.tp_size),
                     vocab_size=getattr(self.model, "vocab_size", None),
-                    zero_stage=getattr(self.engine, "zero_optimization_stage", lambda: None)())
+                    model_signature=layout.model_signature(self.model))
         if self.fresh_optimizer_at is not None:
             full["fresh_optimizer_at_step"] = self.fresh_optimizer_at
         with open(os.path.join(tmp, "meta.json"), "w") as fh:
@@ -204,11 +251,19 @@ class CheckpointManager:
         if os.path.isfile(run_config):  # written by the trainer at start, after resolving
             shutil.copyfile(run_config, os.path.join(tmp, "config.yaml"))
 
-    def _save_model(self, path: str) -> None:
+    def _save_state(self, path: str) -> Optional[dict]:
+        """Weights and (except with ZeRO-3) optimizer state, one fully parallel save.
+        Returns the meta.json `optimizer` entry (None when DeepSpeed saves it)."""
         os.makedirs(path, exist_ok=True) if _rank() == 0 else None
         _barrier()
+        info = None
         with self._gathered():
-            dist_save(self._sharded_state(), path)
+            sharded = self._sharded_state()
+            if not self._zero3():
+                opt, info = opt_state.sharded_state(self.engine, self.model, sharded)
+                sharded.update(opt)
+            dist_save(sharded, path, _dp_group())
+        return info
 
     def _sharded_state(self) -> dict:
         sharded = self.model.sharded_state_dict()
@@ -222,7 +277,7 @@ class CheckpointManager:
         """ZeRO-3 partitions parameters: gather them around building the Megatron state."""
         import contextlib
 
-        if getattr(self.engine, "zero_optimization_stage", lambda: 0)() == 3:
+        if self._zero3():
             import deepspeed
 
             return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=0)
@@ -274,46 +329,62 @@ class CheckpointManager:
             return self._load_from(path, allow_fresh_optimizer)
         return None
 
-    def _load_from(self, path: str, allow_fresh_optimizer: bool) -> dict:
-        from megatron.core import dist_checkpointing
+    def _optimizer_plan(self, path: str, meta: dict, same: bool, allow_fresh_optimizer: bool) -> str:
+        """How the optimizer state comes back: "sharded" (ours, any layout), "deepspeed" (DeepSpeed's
+        own files, same layout only) or "fresh" (weights-only checkpoint, or allowed). Raises
+        ValueError, naming why, for a state that cannot be resharded."""
+        if meta.get("weights_only"):
+            _info(f"{path} holds model weights only: starting at step 0 with a new optimizer state")
+            return "fresh"
+        info = meta.get("optimizer")
+        saved_zero = meta.get("zero_stage")
+        if info and info.get("format") == "sharded":
+            if self._zero3():
+                why = "this run uses ZeRO-3, whose optimizer state is kept by DeepSpeed (resume with ZeRO 0, 1 or 2)"
+            else:
+                return "sharded"
+        elif same and saved_zero == getattr(self.engine, "zero_optimization_stage", lambda: None)():
+            return "deepspeed"
+        elif saved_zero == 3:
+            why = ("it was written with ZeRO-3, whose optimizer state is DeepSpeed's own per-rank files, loadable "
+                   "only on the same layout and ZeRO stage")
+        else:
+            why = ("it was written by an older version that kept the optimizer state only in DeepSpeed's "
+                   "per-rank files, loadable only on the same layout and ZeRO stage")
+        was = (f"TP {meta.get('tensor_model_parallel_size')} x CP {meta.get('context_parallel_size', 1)} on "
+               f"{meta.get('world_size')} ranks, ZeRO {saved_zero}")
+        now = layout.parallel_layout(self.engine, self.tp_size)
+        now_s = (f"TP {now['tensor_model_parallel_size']} x CP {now['context_parallel_size']} on "
+                 f"{now['world_size']} ranks, ZeRO {now['zero_stage']}")
+        if not allow_fresh_optimizer:
+            raise ValueError(f"checkpoint {path} ({was}; this run: {now_s}): its optimizer state cannot be resharded: "
+                             f"{why}. Set checkpoint.allow_fresh_optimizer=true to continue with a new optimizer state")
+        _warn(f"{path} ({was} -> {now_s}): model weights are resharded, the OPTIMIZER STATE IS NEW (Adam moments "
+              f"restart from zero; checkpoint.allow_fresh_optimizer=true): {why}")
+        self.fresh_optimizer_at = int(meta["step"])
+        return "fresh"
 
+    def _load_from(self, path: str, allow_fresh_optimizer: bool) -> dict:
         with open(os.path.join(path, "meta.json")) as fh:
             meta = json.load(fh)
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        layout.check_signature(path, meta.get("model_signature"), layout.model_signature(self.model))
+        now = layout.parallel_layout(self.engine, self.tp_size)
+        same = layout.same_layout(meta, now)
         weights_only = bool(meta.get("weights_only"))  # imported by tools/convert_checkpoint.py
-        same_layout = (not weights_only and meta["tensor_model_parallel_size"] == self.tp_size
-                       and meta["world_size"] == world)
-        zero3 = getattr(self.engine, "zero_optimization_stage", lambda: 0)() == 3
-        if same_layout:
-            self.engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="state",
-                                        load_optimizer_states=True, load_lr_scheduler_states=False)
-        elif zero3:
+        if self._zero3() and not (same and not weights_only):
             raise ValueError(
                 f"checkpoint {path}: loading weights only or changing the parallel layout is not supported "
                 f"with ZeRO-3 (saved: TP {meta['tensor_model_parallel_size']} x {meta['world_size']} ranks, "
-                f"now TP {self.tp_size} x {world}); resume with deepspeed.zero_stage 1 or 2"
+                f"now TP {self.tp_size} x {now['world_size']}); resume with deepspeed.zero_stage 0, 1 or 2"
             )
-        elif weights_only:
-            _info(f"{path} holds model weights only: starting at step 0 with a new optimizer state")
-        elif not allow_fresh_optimizer:
-            raise ValueError(
-                f"checkpoint {path} was written with tensor_model_parallel_size="
-                f"{meta['tensor_model_parallel_size']} on {meta['world_size']} ranks; this run has "
-                f"{self.tp_size} on {world}. The model weights reshard, the optimizer state does not: "
-                "set checkpoint.allow_fresh_optimizer=true to continue with a new optimizer state"
-            )
-        else:
-            _warn(
-                f"parallel layout changed (TP {meta['tensor_model_parallel_size']} x {meta['world_size']} ranks "
-                f"-> TP {self.tp_size} x {world}): model weights are resharded, the OPTIMIZER STATE IS NEW "
-                "(Adam moments restart from zero; checkpoint.allow_fresh_optimizer=true)"
-            )
-            self.fresh_optimizer_at = int(meta["step"])
-        # Model weights from the reshardable copy (authoritative, and the only one usable when
-        # the tensor-parallel size changed).
-        if not (same_layout and zero3):
+        plan = self._optimizer_plan(path, meta, same, allow_fresh_optimizer)
+        if plan == "deepspeed":
+            self.engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="state",
+                                        load_optimizer_states=True, load_lr_scheduler_states=False)
+        if not self._zero3():
+            # Model weights from the reshardable copy (the only one, except for ZeRO-3).
             sharded = self._sharded_state()
-            state = dist_checkpointing.load(sharded, os.path.join(path, "model"))
+            state = dist_load(sharded, os.path.join(path, "model"), _dp_group())
             memory = {k: v for k, v in state.items() if k.startswith("infini_memory.")}
             weights = {k: v for k, v in state.items() if not k.startswith("infini_memory.")}
             self.model.load_state_dict(weights, strict=True)
@@ -321,22 +392,30 @@ class CheckpointManager:
                 from megatron_infini.streaming import load_memory_state_dict
 
                 load_memory_state_dict(self.model, memory)
-            if not same_layout:  # (or weights only)
-                # ZeRO keeps its own fp32 copy of the weights: copy the loaded ones into it, or
-                # the first step would write the initial weights back.
-                refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
-                if refresh is not None:
-                    refresh()
+            # ZeRO keeps its own fp32 copy of the weights: copy the loaded ones into it, or
+            # the first step would write the initial weights back (bf16 runs then take the
+            # saved fp32 master weights from the optimizer state).
+            refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
+            if refresh is not None and plan != "deepspeed":
+                refresh()
+            if plan == "sharded":
+                read = lambda request: dist_load(request, os.path.join(path, "model"))  # noqa: E731
+                opt_state.load(self.engine, self.model, self.model.sharded_state_dict(), meta["optimizer"], read)
+        if plan != "fresh":  # DeepSpeed's own counters (its checkpoint is not loaded)
+            self.engine.global_steps = int(meta["step"])
+            self.engine.micro_steps = int(meta["step"]) * self.engine.gradient_accumulation_steps()
         self.loaded_step = meta["step"]
         if weights_only:
             return {"trainer": {"step": 0, "consumed_tokens": 0, "data": {"consumed_samples": 0}},
                     "meta": meta, "path": path}
         rank_file = os.path.join(path, "trainer", f"rank_{_rank():05d}.pt")
-        if not same_layout or not os.path.isfile(rank_file):
+        if not same or not os.path.isfile(rank_file):
             rank_file = os.path.join(path, "trainer", "rank_00000.pt")
         trainer_state = torch.load(rank_file, weights_only=True, map_location="cpu")
-        if not same_layout:
+        if not same:
             trainer_state.pop("rng", None)  # per-rank RNG streams do not map onto a new layout
+            _info(f"parallel layout changed: weights and optimizer state resharded; RNG streams stay as seeded "
+                  f"at start (train.seed)")
         _info(f"resumed from {path} (step {meta['step']})")
         return {"trainer": trainer_state, "meta": meta, "path": path}
 
