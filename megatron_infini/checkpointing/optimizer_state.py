@@ -153,7 +153,7 @@ def _like(sh, key: str, data: torch.Tensor):
     return replace(sh, **kw)
 
 
-def _link(engine) -> None:
+def link_fragments(engine) -> None:
     """Point every parameter's fragment views at the optimizer's current state tensors.
 
     DeepSpeed links them once, right after the step of the first parameter group (0.19:
@@ -192,7 +192,7 @@ def sharded_state(engine, model, model_sharded: dict) -> Tuple[dict, dict]:
     base = _base(engine)
     keys = state_keys(engine)
     if k == "fragments" and keys:
-        _link(engine)
+        link_fragments(engine)
     tensors = list(keys) + ([MASTER] if has_master_weights(engine, k) else [])
     entries = param_entries(model, model_sharded)
     group = _dp_group()
@@ -236,7 +236,7 @@ def _materialize(engine, k: str) -> None:
     for p, grad in zip(params, grads):
         p.grad = grad
     if k == "fragments":
-        _link(engine)
+        link_fragments(engine)
 
 
 def load(engine, model, model_sharded: dict, info: dict, read) -> None:
