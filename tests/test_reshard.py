@@ -3,8 +3,9 @@ if uninterrupted. CPU, gloo, fp32, the debug model.
 
 - 8 steps straight at layout A (checkpoint at step 4) vs resume from that checkpoint at layout
   B for 4 more steps: same losses within 1e-4 (DP 2->1 and 1->2 with ZeRO 1 and 2, TP 2->1
-  and 1->2, CP 2->1, ZeRO 0 -> 1; the first in the default suite, the rest `slow`).
-- Adam moments, step and weights after a reshard (DP 2 ZeRO-1 -> TP 2 ZeRO-2, and -> ZeRO 0),
+  and 1->2, CP 2->1, ZeRO 0 -> 1, ZeRO 3 -> 1; the first in the default suite, the rest `slow`;
+  TP 2 -> 1 also in the default suite, tests/test_checkpoint.py).
+- Adam moments, step and weights after a reshard (DP 2 ZeRO-1 -> TP 2 ZeRO-2, -> ZeRO 0, -> ZeRO-3),
   gathered to full tensors, equal those before (in-process, two ranks).
 - A checkpoint of another model shape or memory type: one error naming the fields, exit 2.
 """
@@ -63,6 +64,7 @@ CASES = [
     pytest.param((1, 1, 1, 1), (2, 2, 1, 2), id="tp1to2", marks=pytest.mark.slow),
     pytest.param((2, 1, 2, 1), (1, 1, 1, 1), id="cp2to1", marks=pytest.mark.slow),
     pytest.param((1, 1, 1, 0), (2, 1, 1, 1), id="zero0-dp1to2-zero1", marks=pytest.mark.slow),
+    pytest.param((2, 1, 1, 3), (1, 1, 1, 1), id="zero3-dp2to1-zero1", marks=pytest.mark.slow),
 ]
 
 
@@ -123,14 +125,20 @@ def _snapshot(engine, model):
 
     from megatron_infini.checkpointing import optimizer_state as ost
 
+    import contextlib
+
+    import deepspeed
+
     kind, out = ost.kind(engine), {}
     if kind == "fragments":
         ost.link_fragments(engine)  # DeepSpeed 0.19 links only the first group's state
-    for name, p in model.named_parameters():
-        for key in ("exp_avg", "exp_avg_sq"):
-            t = engine.basic_optimizer.state[p][key] if kind == "plain" else safe_get_full_optimizer_state(p, key)
-            out[f"{key}.{name}"] = _full_tp(t.reshape(p.shape), name, p)
-        out[f"weight.{name}"] = _full_tp(p.detach(), name, p)
+    params = list(model.parameters())
+    with deepspeed.zero.GatheredParameters(params) if kind == "zero3" else contextlib.nullcontext():
+        for name, p in model.named_parameters():
+            for key in ("exp_avg", "exp_avg_sq"):
+                t = engine.basic_optimizer.state[p][key] if kind == "plain" else safe_get_full_optimizer_state(p, key)
+                out[f"{key}.{name}"] = _full_tp(t.reshape(p.shape), name, p)
+            out[f"weight.{name}"] = _full_tp(p.detach(), name, p)
     return out, ost.get_step(engine)
 
 
@@ -168,7 +176,8 @@ def _moments_check(rank, world, run_dir):
     dist.barrier()
 
     results = {}
-    for tp, zero in ((2, 2), (1, 0)):  # TP 2 x DP 1 with ZeRO-2; DP 2 with a plain torch optimizer
+    # TP 2 x DP 1 with ZeRO-2; DP 2 with a plain torch optimizer; DP 2 with ZeRO-3
+    for tp, zero in ((2, 2), (1, 0), (1, 3)):
         reinit_model_parallel(tp)
         model, engine = _build(tp, zero, world)
         CheckpointManager(run_dir, engine, model, keep_last=0, tp_size=tp).load("auto", False)

@@ -5,7 +5,6 @@ One checkpoint, `checkpoints/iter_NNNNNNN/`:
                     weights (and carried memory) and the optimizer state laid out like them
                     (`optimizer.*` keys, see optimizer_state.py); every data-parallel rank
                     writes its share (fully parallel save)
-    deepspeed/      ZeRO-3 only: DeepSpeed's own engine checkpoint (same layout to resume)
     trainer/rank_RRRRR.pt   step, tokens, data position, RNG states of that rank
     config.yaml     the run's resolved config (what tools/convert_checkpoint.py builds from)
     meta.json       step, consumed tokens, parallel layout, model signature, optimizer step
@@ -27,9 +26,9 @@ directory is renamed, and only then is `latest_checkpointed_iteration.txt` updat
 any point leaves the previous checkpoint as the latest complete one.
 
 Test hook: MEGATRON_INFINI_TEST_CRASH_AFTER=model|deepspeed|manifest makes rank 0 kill itself
-with SIGKILL right after that phase of a save ("deepspeed" comes right after "model" unless
-ZeRO-3 writes its own state) (before the rename), so tests can check that a
-save cut short never looks complete.
+with SIGKILL right after that phase of a save, before the rename, so tests can check that a
+save cut short never looks complete ("deepspeed", kept for old scripts, is now the same point
+as "model": DeepSpeed's own checkpoint is no longer written).
 """
 
 from __future__ import annotations
@@ -220,9 +219,7 @@ class CheckpointManager:
 
         optimizer_info = self._save_state(os.path.join(tmp, "model"))
         _crash_point("model")
-        if self._zero3():
-            self.engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="state", save_latest=False)
-        _crash_point("deepspeed")
+        _crash_point("deepspeed")  # (phase name kept: DeepSpeed's own checkpoint is no longer written)
         torch.save(trainer_state, os.path.join(tmp, "trainer", f"rank_{_rank():05d}.pt"))
         if _rank() == 0:
             self._write_meta(tmp, step, dict(meta, optimizer=optimizer_info))
@@ -251,17 +248,15 @@ class CheckpointManager:
         if os.path.isfile(run_config):  # written by the trainer at start, after resolving
             shutil.copyfile(run_config, os.path.join(tmp, "config.yaml"))
 
-    def _save_state(self, path: str) -> Optional[dict]:
-        """Weights and (except with ZeRO-3) optimizer state, one fully parallel save.
-        Returns the meta.json `optimizer` entry (None when DeepSpeed saves it)."""
+    def _save_state(self, path: str) -> dict:
+        """Weights and optimizer state, one fully parallel save. Returns the meta.json
+        `optimizer` entry."""
         os.makedirs(path, exist_ok=True) if _rank() == 0 else None
         _barrier()
-        info = None
         with self._gathered():
             sharded = self._sharded_state()
-            if not self._zero3():
-                opt, info = opt_state.sharded_state(self.engine, self.model, sharded)
-                sharded.update(opt)
+            opt, info = opt_state.sharded_state(self.engine, self.model, sharded)
+            sharded.update(opt)
             dist_save(sharded, path, _dp_group())
         return info
 
@@ -273,14 +268,16 @@ class CheckpointManager:
             sharded.update(memory_sharded_state_dict(self.model))
         return sharded
 
-    def _gathered(self):
-        """ZeRO-3 partitions parameters: gather them around building the Megatron state."""
+    def _gathered(self, modify: bool = False):
+        """ZeRO-3 partitions parameters: gather them around building the Megatron state (and,
+        `modify`, partition rank 0's values again on exit: every rank loads the same)."""
         import contextlib
 
         if self._zero3():
             import deepspeed
 
-            return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=0)
+            return deepspeed.zero.GatheredParameters(list(self.model.parameters()),
+                                                     modifier_rank=0 if modify else None)
         return contextlib.nullcontext()
 
     def _prune(self, newest: int) -> None:
@@ -339,15 +336,10 @@ class CheckpointManager:
         info = meta.get("optimizer")
         saved_zero = meta.get("zero_stage")
         if info and info.get("format") == "sharded":
-            if self._zero3():
-                why = "this run uses ZeRO-3, whose optimizer state is kept by DeepSpeed (resume with ZeRO 0, 1 or 2)"
-            else:
-                return "sharded"
-        elif same and saved_zero == getattr(self.engine, "zero_optimization_stage", lambda: None)():
+            return "sharded"
+        elif (same and saved_zero == getattr(self.engine, "zero_optimization_stage", lambda: None)()
+              and os.path.isdir(os.path.join(path, "deepspeed"))):
             return "deepspeed"
-        elif saved_zero == 3:
-            why = ("it was written with ZeRO-3, whose optimizer state is DeepSpeed's own per-rank files, loadable "
-                   "only on the same layout and ZeRO stage")
         else:
             why = ("it was written by an older version that kept the optimizer state only in DeepSpeed's "
                    "per-rank files, loadable only on the same layout and ZeRO stage")
@@ -371,23 +363,18 @@ class CheckpointManager:
         now = layout.parallel_layout(self.engine, self.tp_size)
         same = layout.same_layout(meta, now)
         weights_only = bool(meta.get("weights_only"))  # imported by tools/convert_checkpoint.py
-        if self._zero3() and not (same and not weights_only):
-            raise ValueError(
-                f"checkpoint {path}: loading weights only or changing the parallel layout is not supported "
-                f"with ZeRO-3 (saved: TP {meta['tensor_model_parallel_size']} x {meta['world_size']} ranks, "
-                f"now TP {self.tp_size} x {now['world_size']}); resume with deepspeed.zero_stage 0, 1 or 2"
-            )
         plan = self._optimizer_plan(path, meta, same, allow_fresh_optimizer)
         if plan == "deepspeed":
             self.engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="state",
                                         load_optimizer_states=True, load_lr_scheduler_states=False)
-        if not self._zero3():
-            # Model weights from the reshardable copy (the only one, except for ZeRO-3).
-            sharded = self._sharded_state()
-            state = dist_load(sharded, os.path.join(path, "model"), _dp_group())
-            memory = {k: v for k, v in state.items() if k.startswith("infini_memory.")}
-            weights = {k: v for k, v in state.items() if not k.startswith("infini_memory.")}
-            self.model.load_state_dict(weights, strict=True)
+        if plan != "deepspeed" or not self._zero3():
+            # Model weights from the reshardable copy (DeepSpeed's ZeRO-3 files carry their own).
+            with self._gathered(modify=True):
+                sharded = self._sharded_state()
+                state = dist_load(sharded, os.path.join(path, "model"), _dp_group())
+                memory = {k: v for k, v in state.items() if k.startswith("infini_memory.")}
+                weights = {k: v for k, v in state.items() if not k.startswith("infini_memory.")}
+                self.model.load_state_dict(weights, strict=True)
             if memory:
                 from megatron_infini.streaming import load_memory_state_dict
 
@@ -398,8 +385,9 @@ class CheckpointManager:
             refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
             if refresh is not None and plan != "deepspeed":
                 refresh()
-            if plan == "sharded":
-                read = lambda request: dist_load(request, os.path.join(path, "model"))  # noqa: E731
+        if plan == "sharded":
+            read = lambda request: dist_load(request, os.path.join(path, "model"))  # noqa: E731
+            with self._gathered():
                 opt_state.load(self.engine, self.model, self.model.sharded_state_dict(), meta["optimizer"], read)
         if plan != "fresh":  # DeepSpeed's own counters (its checkpoint is not loaded)
             self.engine.global_steps = int(meta["step"])

@@ -21,7 +21,8 @@ first to the least loaded rank), keeps it and writes it. So every rank writes a 
 at most its share plus one parameter. Loading mirrors it: each owner reads its parameters in
 the new layout, broadcasts each to its group, and every rank keeps its own slice
 (`safe_set_full_*`). ZeRO stage 0 with fp32 weights has no fragments: the torch optimizer's
-state is read and written directly. ZeRO-3 is not handled here (see manager.py).
+state is read and written directly. With ZeRO-3 the same API gathers and scatters DeepSpeed's
+partitions; the caller gathers the (partitioned) weights around building the sharded state.
 
 Legend: dp data-parallel size (times cp), tp tensor-parallel size.
 """
@@ -90,19 +91,32 @@ def _base(engine) -> torch.optim.Optimizer:
     return engine.basic_optimizer
 
 
+def _shape(p) -> torch.Size:
+    """A parameter's full (tensor-parallel-local) shape, also when ZeRO-3 has partitioned it."""
+    return torch.Size(getattr(p, "ds_shape", None) or p.shape)
+
+
 def _has_state(base) -> bool:
     return any(len(s) for s in base.state.values())
+
+
+def _flats(engine) -> List[Tuple[int, torch.Tensor]]:
+    """(param group index, tensor) for each tensor the torch optimizer steps. ZeRO-3 puts its
+    fp32 partitions into the groups only around its step."""
+    opt, base = engine.optimizer, _base(engine)
+    if kind(engine) == "zero3":
+        return [(opt.sub_group_to_group_id[i], f) for i, f in enumerate(opt.fp32_partitioned_groups_flat)]
+    return [(gi, p) for gi, g in enumerate(base.param_groups) for p in g["params"]]
 
 
 def state_keys(engine) -> List[str]:
     """Per-parameter state tensors of the optimizer (AdamW: exp_avg, exp_avg_sq); none before
     its first step."""
     base = _base(engine)
-    for group in base.param_groups:
-        for p in group["params"]:
-            st = base.state.get(p, {})
-            if st:
-                return sorted(k for k, v in st.items() if torch.is_tensor(v) and v.shape == p.shape)
+    for _, p in _flats(engine):
+        st = base.state.get(p, {})
+        if st:
+            return sorted(k for k, v in st.items() if torch.is_tensor(v) and v.shape == p.shape)
     return []
 
 
@@ -131,7 +145,7 @@ def _set_step(base, step: int) -> None:
 
 def has_master_weights(engine, k: str) -> bool:
     """fp32 master weights distinct from the model's (bf16 training)."""
-    return k == "fragments" and any(p.dtype != torch.float32 for p in engine.module.parameters())
+    return k != "plain" and any(p.dtype != torch.float32 for p in engine.module.parameters())
 
 
 def _dp_group():
@@ -187,8 +201,6 @@ def sharded_state(engine, model, model_sharded: dict) -> Tuple[dict, dict]:
     """Collective over the data-parallel group. Returns (this rank's share of the optimizer
     state as sharded tensors, the `optimizer` entry of meta.json)."""
     k = kind(engine)
-    if k == "zero3":
-        raise ValueError("ZeRO-3 optimizer state is saved by DeepSpeed, not as sharded tensors")
     base = _base(engine)
     keys = state_keys(engine)
     if k == "fragments" and keys:
@@ -197,14 +209,14 @@ def sharded_state(engine, model, model_sharded: dict) -> Tuple[dict, dict]:
     entries = param_entries(model, model_sharded)
     group = _dp_group()
     me, size = dist.get_rank(group), dist.get_world_size(group)
-    own = owners([p.numel() for _, p, _ in entries], size)
+    own = owners([_shape(p).numel() for _, p, _ in entries], size)
     out = {}
     for i, (name, p, sh) in enumerate(entries):
         for key in tensors:
             full = _full(p, key, k, base)  # every rank takes part in the gather
             if own[i] == me:
                 out[f"{PREFIX}.{key}.{name}"] = _like(sh, f"{PREFIX}.{key}.{sh.key}",
-                                                      full.detach().float().reshape(p.shape).clone())
+                                                      full.detach().float().reshape(_shape(p)).clone())
     info = {"format": "sharded", "step": get_step(engine), "keys": keys, "master_weights": MASTER in tensors}
     return out, info
 
@@ -219,21 +231,26 @@ def _materialize(engine, k: str) -> None:
     base = _base(engine)
     if _has_state(base):
         return
-    saved = [(g["lr"], g.get("weight_decay")) for g in base.param_groups]
-    params = [p for g in base.param_groups for p in g["params"]]
-    grads = [p.grad for p in params]
+    saved = [(g["lr"], g.get("weight_decay"), g["params"]) for g in base.param_groups]
     for g in base.param_groups:
         g["lr"] = 0.0
         if "weight_decay" in g:
             g["weight_decay"] = 0.0
-    for p in params:
+    flats = _flats(engine)
+    grads = [p.grad for _, p in flats]
+    for _, p in flats:
         p.grad = torch.zeros_like(p)
-    base.step()
-    for g, (lr, wd) in zip(base.param_groups, saved):
-        g["lr"] = lr
+    if k == "zero3":  # as DeepSpeed's ZeRO-3 step does: one partition at a time in its group
+        for gi, p in flats:
+            base.param_groups[gi]["params"] = [p]
+            base.step()
+    else:
+        base.step()
+    for g, (lr, wd, params) in zip(base.param_groups, saved):
+        g["lr"], g["params"] = lr, params
         if wd is not None:
             g["weight_decay"] = wd
-    for p, grad in zip(params, grads):
+    for (_, p), grad in zip(flats, grads):
         p.grad = grad
     if k == "fragments":
         link_fragments(engine)
@@ -245,7 +262,8 @@ def load(engine, model, model_sharded: dict, info: dict, read) -> None:
 
     read(sharded) -> loaded: loads a dict of sharded tensors from the checkpoint (the caller
     owns the strategy); called once, on every rank, with this rank's share.
-    The model weights must already be loaded (and the fp32 master copy refreshed from them).
+    The model weights must already be loaded (and the fp32 master copy refreshed from them);
+    with ZeRO-3, `model_sharded` is built with the parameters gathered.
     """
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
@@ -256,13 +274,13 @@ def load(engine, model, model_sharded: dict, info: dict, read) -> None:
     entries = param_entries(model, model_sharded)
     group = _dp_group()
     me, size = dist.get_rank(group), dist.get_world_size(group)
-    own = owners([p.numel() for _, p, _ in entries], size)
+    own = owners([_shape(p).numel() for _, p, _ in entries], size)
     request = {}
     for i, (name, p, sh) in enumerate(entries):
         if own[i] == me:
             for key in tensors:
                 request[f"{PREFIX}.{key}.{name}"] = _like(
-                    sh, f"{PREFIX}.{key}.{sh.key}", torch.empty(p.shape, dtype=torch.float32, device=p.device))
+                    sh, f"{PREFIX}.{key}.{sh.key}", torch.empty(_shape(p), dtype=torch.float32, device=p.device))
     loaded = read(request)
     if keys:
         _materialize(engine, k)
@@ -276,11 +294,13 @@ def load(engine, model, model_sharded: dict, info: dict, read) -> None:
             if own[i] == me:
                 t = loaded.pop(f"{PREFIX}.{key}.{name}").to(p.device)
             else:
-                t = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+                t = torch.empty(_shape(p), dtype=torch.float32, device=p.device)
             dist.broadcast(t, src=dist.get_global_rank(group, own[i]), group=group)
             if key == MASTER:
                 if run_master:
                     safe_set_full_fp32_param(p, t)
+                elif k == "zero3":  # fp32 ZeRO-3 run: its master copy was refreshed from the weights
+                    continue
                 else:  # a bf16 checkpoint resumed in fp32: the master weights are the better copy
                     with torch.no_grad():
                         p.copy_(t)
