@@ -281,7 +281,7 @@ def load(engine, model, model_sharded: dict, info: dict, read) -> None:
             for key in tensors:
                 request[f"{PREFIX}.{key}.{name}"] = _like(
                     sh, f"{PREFIX}.{key}.{sh.key}", torch.empty(_shape(p), dtype=torch.float32, device=p.device))
-    loaded = read(request)
+    loaded = read(request) if tensors else {}  # (saved before the first step: nothing)
     if keys:
         _materialize(engine, k)
         missing = sorted(set(keys) - set(state_keys(engine)))

@@ -223,7 +223,9 @@ class CheckpointConfig:
     exit_duration_minutes: float = 0.0
     """Save and exit with the requeue code after this many minutes; 0 = no limit."""
     allow_fresh_optimizer: bool = False
-    """On a tensor-parallel size change, continue with a new optimizer state instead of failing."""
+    """When the checkpoint's optimizer state cannot be resharded to this run (written before the
+    sharded optimizer format, or by another optimizer), continue with a new optimizer state
+    instead of failing. Layout changes (tp, cp, dp, ZeRO stage) do not need it."""
 
     def validate(self, prefix: str = "checkpoint") -> None:
         _at_least(f"{prefix}.save_interval", self.save_interval, 0)
