@@ -4,7 +4,8 @@ if uninterrupted. CPU, gloo, fp32, the debug model.
 - 8 steps straight at layout A (checkpoint at step 4) vs resume from that checkpoint at layout
   B for 4 more steps: same losses within 1e-4 (DP 2->1 and 1->2 with ZeRO 1 and 2, TP 2->1
   and 1->2, CP 2->1, ZeRO 0 -> 1, ZeRO 3 -> 1; the first in the default suite, the rest `slow`;
-  TP 2 -> 1 also in the default suite, tests/test_checkpoint.py).
+  TP 2 -> 1 also in the default suite, tests/test_checkpoint.py). The default case's
+  checkpoint is written in the background (checkpoint.async_save).
 - Adam moments, step and weights after a reshard (DP 2 ZeRO-1 -> TP 2 ZeRO-2, -> ZeRO 0, -> ZeRO-3),
   gathered to full tensors, equal those before (in-process, two ranks).
 - A checkpoint of another model shape or memory type: one error naming the fields, exit 2.
@@ -40,7 +41,9 @@ def source_run(tmp_path_factory):
     def get(layout):
         if layout not in _SOURCES:
             kw, args = _layout_args(*layout)
-            run = train(root / ("src_%d_%d_%d_%d" % layout), *COMMON, *args, "train.steps=8",
+            # periodic saves in the background where the default suite reads them (DP 2, ZeRO-2)
+            background = f"checkpoint.async_save={layout == (2, 1, 1, 2)}".lower()
+            run = train(root / ("src_%d_%d_%d_%d" % layout), *COMMON, *args, "train.steps=8", background,
                         "checkpoint.save_interval=4", "checkpoint.keep_last=0", **kw)
             assert run.returncode == 0, run.output[-3000:]
             _SOURCES[layout] = run

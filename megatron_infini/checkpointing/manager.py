@@ -24,6 +24,9 @@ cannot map onto other ranks, so every rank keeps the stream seeded from train.se
 Publishing is atomic: everything goes into `iter_NNNNNNN.tmp/`, the manifest is written, the
 directory is renamed, and only then is `latest_checkpointed_iteration.txt` updated. A crash at
 any point leaves the previous checkpoint as the latest complete one.
+A background save (`save(..., background=True)`) stages the tensors at the step boundary and
+writes them from a forked process per rank (Megatron's async save); `finish_pending` runs the
+same publishing once every rank's writer is done.
 
 Test hook: MEGATRON_INFINI_TEST_CRASH_AFTER=model|deepspeed|manifest makes rank 0 kill itself
 with SIGKILL right after that phase of a save, before the rename, so tests can check that a
@@ -132,8 +135,9 @@ def resolve_checkpoint(path: str) -> str:
                             "checkpoints/ directory, or an iter_NNNNNNN directory)")
 
 
-def dist_save(sharded: dict, path: str, parallel_group=None) -> None:
-    """`dist_checkpointing.save`, synchronous, without Megatron's helper process.
+def dist_save(sharded: dict, path: str, parallel_group=None, background: bool = False):
+    """`dist_checkpointing.save`; synchronous without Megatron's helper process, or (`background`)
+    returning Megatron's AsyncRequest, whose writes run in a forked process.
 
     Megatron passes the write results of a save through a queue it creates on first use with a
     spawn-context multiprocessing Manager: a fresh interpreter (seconds per process), and one
@@ -151,12 +155,15 @@ def dist_save(sharded: dict, path: str, parallel_group=None) -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
     from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
-    if getattr(filesystem_async, "_results_queue", False) is None:  # not created yet
+    if background:  # the writer process reports through a queue shared across processes
+        if isinstance(getattr(filesystem_async, "_results_queue", None), queue.Queue):
+            filesystem_async._results_queue = None  # Megatron makes its Manager queue
+    elif getattr(filesystem_async, "_results_queue", False) is None:  # not created yet
         filesystem_async._results_queue = queue.Queue()
-    strategy = None
+    strategy = get_default_save_sharded_strategy()
     if parallel_group is not None and dist.get_world_size(parallel_group) > 1:
-        strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), parallel_group)
-    dist_checkpointing.save(sharded, path, sharded_strategy=strategy)
+        strategy = FullyParallelSaveStrategyWrapper(strategy, parallel_group)
+    return dist_checkpointing.save(sharded, path, sharded_strategy=strategy, async_sharded_save=background)
 
 
 def dist_load(sharded: dict, path: str, parallel_group=None) -> dict:
@@ -200,14 +207,18 @@ class CheckpointManager:
         self.loaded_step: Optional[int] = None
         self.saved_steps: List[int] = []
         self.fresh_optimizer_at: Optional[int] = None  # step where a layout change reset the optimizer
+        self._pending = None  # Megatron AsyncCallsQueue of background saves, made on first use
 
     def _zero3(self) -> bool:
         return getattr(self.engine, "zero_optimization_stage", lambda: 0)() == 3
 
     # ------------------------------------------------------------------ save
 
-    def save(self, step: int, trainer_state: dict, meta: dict) -> str:
-        """Collective. Returns the published directory."""
+    def save(self, step: int, trainer_state: dict, meta: dict, background: bool = False) -> str:
+        """Collective. Returns the published directory (with `background`, the directory it will
+        be published as: the tensors are written by a forked process, and `finish_pending`
+        publishes the checkpoint once every rank's writer is done)."""
+        self.finish_pending(blocking=True)  # one save at a time, in order
         final = iter_dir(self.root, step)
         tmp = final + ".tmp"
         if _rank() == 0:
@@ -217,12 +228,33 @@ class CheckpointManager:
             os.makedirs(os.path.join(tmp, "trainer"))
         _barrier()
 
-        optimizer_info = self._save_state(os.path.join(tmp, "model"))
-        _crash_point("model")
-        _crash_point("deepspeed")  # (phase name kept: DeepSpeed's own checkpoint is no longer written)
+        optimizer_info, request = self._save_state(os.path.join(tmp, "model"), background)
         torch.save(trainer_state, os.path.join(tmp, "trainer", f"rank_{_rank():05d}.pt"))
         if _rank() == 0:
             self._write_meta(tmp, step, dict(meta, optimizer=optimizer_info))
+        if request is None:
+            _crash_point("model")
+            _crash_point("deepspeed")  # (phase name kept: DeepSpeed's own checkpoint is no longer written)
+            self._publish(step)
+            return final
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        if self._pending is None:
+            self._pending = AsyncCallsQueue()
+        request.add_finalize_fn(lambda: self._publish(step))
+        self._pending.schedule_async_request(request)
+        return final
+
+    def finish_pending(self, blocking: bool = False) -> None:
+        """Collective. Publish the background saves whose writers are done on every rank (all
+        of them, waiting, with `blocking`)."""
+        if self._pending is not None:
+            self._pending.maybe_finalize_async_calls(blocking=blocking)
+
+    def _publish(self, step: int) -> None:
+        """Collective: manifest, rename, tracker, pruning."""
+        final = iter_dir(self.root, step)
+        tmp = final + ".tmp"
         _barrier()
         mf.write_manifest(tmp, {"step": step})
         _barrier()
@@ -234,7 +266,6 @@ class CheckpointManager:
             _write_tracker(self.root, step)
             self._prune(step)
         _barrier()
-        return final
 
     def _write_meta(self, tmp: str, step: int, meta: dict) -> None:
         full = dict(meta, step=step, **layout.parallel_layout(self.engine, self.tp_size),
@@ -248,17 +279,17 @@ class CheckpointManager:
         if os.path.isfile(run_config):  # written by the trainer at start, after resolving
             shutil.copyfile(run_config, os.path.join(tmp, "config.yaml"))
 
-    def _save_state(self, path: str) -> dict:
+    def _save_state(self, path: str, background: bool):
         """Weights and optimizer state, one fully parallel save. Returns the meta.json
-        `optimizer` entry."""
+        `optimizer` entry and Megatron's AsyncRequest (None when done synchronously)."""
         os.makedirs(path, exist_ok=True) if _rank() == 0 else None
         _barrier()
         with self._gathered():
             sharded = self._sharded_state()
             opt, info = opt_state.sharded_state(self.engine, self.model, sharded)
             sharded.update(opt)
-            dist_save(sharded, path, _dp_group())
-        return info
+            request = dist_save(sharded, path, _dp_group(), background=background and not self._zero3())
+        return info, request
 
     def _sharded_state(self) -> dict:
         sharded = self.model.sharded_state_dict()
