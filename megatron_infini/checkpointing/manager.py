@@ -1,12 +1,14 @@
 """Save and resume training state under run_dir/checkpoints.
 
 One checkpoint, `checkpoints/iter_NNNNNNN/`:
-    model/          model weights (and carried memory), Megatron dist_checkpointing (reshardable)
-    deepspeed/      DeepSpeed engine state: optimizer sharded by ZeRO (its module copy is not
-                    used when the tensor-parallel size changed)
+    model/          Megatron dist_checkpointing, reshardable to any tp / cp / dp layout: model
+                    weights (and carried memory) and the optimizer state laid out like them
+                    (`optimizer.*` keys, see optimizer_state.py); every data-parallel rank
+                    writes its share (fully parallel save)
     trainer/rank_RRRRR.pt   step, tokens, data position, RNG states of that rank
     config.yaml     the run's resolved config (what tools/convert_checkpoint.py builds from)
-    meta.json       step, consumed tokens, parallel sizes, vocabulary size, wandb id, tokenizer
+    meta.json       step, consumed tokens, parallel layout, model signature, optimizer step
+                    and state keys, wandb id, tokenizer
     tokenizer/      a copy of the tokenizer's files (tokenizer.model or tokenizer.json), when given
     manifest.json   every file with size and checksum (written last)
 
@@ -15,13 +17,22 @@ is all of it that needs saving. Loading reads only the files the manifest lists,
 `torch.load(weights_only=True)` for ours; the pickles inside model/common.pt and deepspeed/
 are what the Megatron and DeepSpeed formats require.
 
+On a layout change (tensor-, context- or data-parallel size, ZeRO stage 0/1/2) weights and
+optimizer state reshard; the data position is global and continues; per-rank RNG streams
+cannot map onto other ranks, so every rank keeps the stream seeded from train.seed at start
+(nothing in the model draws random numbers with dropout 0, the default).
+
 Publishing is atomic: everything goes into `iter_NNNNNNN.tmp/`, the manifest is written, the
 directory is renamed, and only then is `latest_checkpointed_iteration.txt` updated. A crash at
 any point leaves the previous checkpoint as the latest complete one.
+A background save (`save(..., background=True)`) stages the tensors at the step boundary and
+writes them from a forked process per rank (Megatron's async save); `finish_pending` runs the
+same publishing once every rank's writer is done.
 
 Test hook: MEGATRON_INFINI_TEST_CRASH_AFTER=model|deepspeed|manifest makes rank 0 kill itself
-with SIGKILL right after that phase of a save (before the rename), so tests can check that a
-save cut short never looks complete.
+with SIGKILL right after that phase of a save, before the rename, so tests can check that a
+save cut short never looks complete ("deepspeed", kept for old scripts, is now the same point
+as "model": DeepSpeed's own checkpoint is no longer written).
 """
 
 from __future__ import annotations
@@ -38,7 +49,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from . import layout
 from . import manifest as mf
+from . import optimizer_state as opt_state
 from . import rng
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -135,22 +148,59 @@ def resolve_checkpoint(path: str) -> str:
                             "checkpoints/ directory, or an iter_NNNNNNN directory)")
 
 
-def dist_save(sharded: dict, path: str) -> None:
-    """`dist_checkpointing.save`, synchronous, without Megatron's helper process.
+def dist_save(sharded: dict, path: str, parallel_group=None, background: bool = False):
+    """`dist_checkpointing.save`; synchronous without Megatron's helper process, or (`background`)
+    returning Megatron's AsyncRequest, whose writes run in a forked process.
 
     Megatron passes the write results of a save through a queue it creates on first use with a
     spawn-context multiprocessing Manager: a fresh interpreter (seconds per process), and one
     that outlives a rank killed mid-save. A synchronous save uses that queue only inside this
     process, so an in-process queue does the same job.
+
+    parallel_group: ranks holding replicas of the same tensors (the data-parallel group):
+    Megatron's FullyParallelSaveStrategyWrapper deals the replicated tensors out over them,
+    so each writes a share instead of data-parallel rank 0 writing everything.
     """
     import queue
 
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
     from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
-    if getattr(filesystem_async, "_results_queue", False) is None:  # not created yet
+    if background:  # the writer process reports through a queue shared across processes
+        if isinstance(getattr(filesystem_async, "_results_queue", None), queue.Queue):
+            filesystem_async._results_queue = None  # Megatron makes its Manager queue
+    elif getattr(filesystem_async, "_results_queue", False) is None:  # not created yet
         filesystem_async._results_queue = queue.Queue()
-    dist_checkpointing.save(sharded, path)
+    strategy = get_default_save_sharded_strategy()
+    if parallel_group is not None and dist.get_world_size(parallel_group) > 1:
+        strategy = FullyParallelSaveStrategyWrapper(strategy, parallel_group)
+    return dist_checkpointing.save(sharded, path, sharded_strategy=strategy, async_sharded_save=background)
+
+
+def dist_load(sharded: dict, path: str, parallel_group=None) -> dict:
+    """`dist_checkpointing.load`; with `parallel_group`, each replica is read from storage by
+    one rank of the group and exchanged (Megatron's FullyParallelLoadStrategyWrapper: broadcasts
+    on GPU; on CPU, where those need CUDA, an all_gather_object)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+    strategy = None
+    if parallel_group is not None and dist.get_world_size(parallel_group) > 1:
+        algo = "broadcast" if torch.cuda.is_available() else "gather_object"
+        strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(path), parallel_group,
+                                                    exchange_algo=algo)
+    return dist_checkpointing.load(sharded, path, sharded_strategy=strategy)
+
+
+def _dp_group():
+    from megatron.core import parallel_state as ps
+
+    if not (dist.is_initialized() and ps.model_parallel_is_initialized()):
+        return None
+    return ps.get_data_parallel_group(with_context_parallel=True)
 
 
 class CheckpointManager:
@@ -172,11 +222,18 @@ class CheckpointManager:
         self.loaded_step: Optional[int] = None
         self.saved_steps: List[int] = []
         self.fresh_optimizer_at: Optional[int] = None  # step where a layout change reset the optimizer
+        self._pending = None  # Megatron AsyncCallsQueue of background saves, made on first use
+
+    def _zero3(self) -> bool:
+        return getattr(self.engine, "zero_optimization_stage", lambda: 0)() == 3
 
     # ------------------------------------------------------------------ save
 
-    def save(self, step: int, trainer_state: dict, meta: dict) -> str:
-        """Collective. Returns the published directory."""
+    def save(self, step: int, trainer_state: dict, meta: dict, background: bool = False) -> str:
+        """Collective. Returns the published directory (with `background`, the directory it will
+        be published as: the tensors are written by a forked process, and `finish_pending`
+        publishes the checkpoint once every rank's writer is done)."""
+        self.finish_pending(blocking=True)  # one save at a time, in order
         final = iter_dir(self.root, step)
         tmp = final + ".tmp"
         if _rank() == 0:
@@ -186,14 +243,34 @@ class CheckpointManager:
             os.makedirs(os.path.join(tmp, "trainer"))
         _barrier()
 
-        self._save_model(os.path.join(tmp, "model"))
-        _crash_point("model")
-        self.engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="state", save_latest=False)
-        _crash_point("deepspeed")
+        optimizer_info, request = self._save_state(os.path.join(tmp, "model"), background)
         torch.save(trainer_state, os.path.join(tmp, "trainer", f"rank_{_rank():05d}.pt"))
         if _rank() == 0:
-            self._write_meta(tmp, step, meta)
+            self._write_meta(tmp, step, dict(meta, optimizer=optimizer_info))
         _save_delay()
+        if request is None:
+            _crash_point("model")
+            _crash_point("deepspeed")  # (phase name kept: DeepSpeed's own checkpoint is no longer written)
+            self._publish(step)
+            return final
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        if self._pending is None:
+            self._pending = AsyncCallsQueue()
+        request.add_finalize_fn(lambda: self._publish(step))
+        self._pending.schedule_async_request(request)
+        return final
+
+    def finish_pending(self, blocking: bool = False) -> None:
+        """Collective. Publish the background saves whose writers are done on every rank (all
+        of them, waiting, with `blocking`)."""
+        if self._pending is not None:
+            self._pending.maybe_finalize_async_calls(blocking=blocking)
+
+    def _publish(self, step: int) -> None:
+        """Collective: manifest, rename, tracker, pruning."""
+        final = iter_dir(self.root, step)
+        tmp = final + ".tmp"
         _barrier()
         mf.write_manifest(tmp, {"step": step})
         _barrier()
@@ -205,13 +282,11 @@ class CheckpointManager:
             _write_tracker(self.root, step)
             self._prune(step)
         _barrier()
-        return final
 
     def _write_meta(self, tmp: str, step: int, meta: dict) -> None:
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        full = dict(meta, step=step, world_size=world, tensor_model_parallel_size=self.tp_size,
+        full = dict(meta, step=step, **layout.parallel_layout(self.engine, self.tp_size),
                     vocab_size=getattr(self.model, "vocab_size", None),
-                    zero_stage=getattr(self.engine, "zero_optimization_stage", lambda: None)())
+                    model_signature=layout.model_signature(self.model))
         if self.fresh_optimizer_at is not None:
             full["fresh_optimizer_at_step"] = self.fresh_optimizer_at
         with open(os.path.join(tmp, "meta.json"), "w") as fh:
@@ -223,11 +298,17 @@ class CheckpointManager:
             os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
             shutil.copyfile(src, os.path.join(tmp, name))
 
-    def _save_model(self, path: str) -> None:
+    def _save_state(self, path: str, background: bool):
+        """Weights and optimizer state, one fully parallel save. Returns the meta.json
+        `optimizer` entry and Megatron's AsyncRequest (None when done synchronously)."""
         os.makedirs(path, exist_ok=True) if _rank() == 0 else None
         _barrier()
         with self._gathered():
-            dist_save(self._sharded_state(), path)
+            sharded = self._sharded_state()
+            opt, info = opt_state.sharded_state(self.engine, self.model, sharded)
+            sharded.update(opt)
+            request = dist_save(sharded, path, _dp_group(), background=background and not self._zero3())
+        return info, request
 
     def _sharded_state(self) -> dict:
         sharded = self.model.sharded_state_dict()
@@ -237,14 +318,16 @@ class CheckpointManager:
             sharded.update(memory_sharded_state_dict(self.model))
         return sharded
 
-    def _gathered(self):
-        """ZeRO-3 partitions parameters: gather them around building the Megatron state."""
+    def _gathered(self, modify: bool = False):
+        """ZeRO-3 partitions parameters: gather them around building the Megatron state (and,
+        `modify`, partition rank 0's values again on exit: every rank loads the same)."""
         import contextlib
 
-        if getattr(self.engine, "zero_optimization_stage", lambda: 0)() == 3:
+        if self._zero3():
             import deepspeed
 
-            return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=0)
+            return deepspeed.zero.GatheredParameters(list(self.model.parameters()),
+                                                     modifier_rank=0 if modify else None)
         return contextlib.nullcontext()
 
     def _prune(self, newest: int) -> None:
@@ -293,69 +376,84 @@ class CheckpointManager:
             return self._load_from(path, allow_fresh_optimizer)
         return None
 
-    def _load_from(self, path: str, allow_fresh_optimizer: bool) -> dict:
-        from megatron.core import dist_checkpointing
+    def _optimizer_plan(self, path: str, meta: dict, same: bool, allow_fresh_optimizer: bool) -> str:
+        """How the optimizer state comes back: "sharded" (ours, any layout), "deepspeed" (DeepSpeed's
+        own files, same layout only) or "fresh" (weights-only checkpoint, or allowed). Raises
+        ValueError, naming why, for a state that cannot be resharded."""
+        if meta.get("weights_only"):
+            _info(f"{path} holds model weights only: starting at step 0 with a new optimizer state")
+            return "fresh"
+        info = meta.get("optimizer")
+        saved_zero = meta.get("zero_stage")
+        if info and info.get("format") == "sharded":
+            return "sharded"
+        elif (same and saved_zero == getattr(self.engine, "zero_optimization_stage", lambda: None)()
+              and os.path.isdir(os.path.join(path, "deepspeed"))):
+            return "deepspeed"
+        else:
+            why = ("it was written by an older version that kept the optimizer state only in DeepSpeed's "
+                   "per-rank files, loadable only on the same layout and ZeRO stage")
+        was = (f"TP {meta.get('tensor_model_parallel_size')} x CP {meta.get('context_parallel_size', 1)} on "
+               f"{meta.get('world_size')} ranks, ZeRO {saved_zero}")
+        now = layout.parallel_layout(self.engine, self.tp_size)
+        now_s = (f"TP {now['tensor_model_parallel_size']} x CP {now['context_parallel_size']} on "
+                 f"{now['world_size']} ranks, ZeRO {now['zero_stage']}")
+        if not allow_fresh_optimizer:
+            raise ValueError(f"checkpoint {path} ({was}; this run: {now_s}): its optimizer state cannot be resharded: "
+                             f"{why}. Set checkpoint.allow_fresh_optimizer=true to continue with a new optimizer state")
+        _warn(f"{path} ({was} -> {now_s}): model weights are resharded, the OPTIMIZER STATE IS NEW (Adam moments "
+              f"restart from zero; checkpoint.allow_fresh_optimizer=true): {why}")
+        self.fresh_optimizer_at = int(meta["step"])
+        return "fresh"
 
+    def _load_from(self, path: str, allow_fresh_optimizer: bool) -> dict:
         with open(os.path.join(path, "meta.json")) as fh:
             meta = json.load(fh)
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        layout.check_signature(path, meta.get("model_signature"), layout.model_signature(self.model))
+        now = layout.parallel_layout(self.engine, self.tp_size)
+        same = layout.same_layout(meta, now)
         weights_only = bool(meta.get("weights_only"))  # imported by tools/convert_checkpoint.py
-        same_layout = (not weights_only and meta["tensor_model_parallel_size"] == self.tp_size
-                       and meta["world_size"] == world)
-        zero3 = getattr(self.engine, "zero_optimization_stage", lambda: 0)() == 3
-        if same_layout:
+        plan = self._optimizer_plan(path, meta, same, allow_fresh_optimizer)
+        if plan == "deepspeed":
             self.engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="state",
                                         load_optimizer_states=True, load_lr_scheduler_states=False)
-        elif zero3:
-            raise ValueError(
-                f"checkpoint {path}: loading weights only or changing the parallel layout is not supported "
-                f"with ZeRO-3 (saved: TP {meta['tensor_model_parallel_size']} x {meta['world_size']} ranks, "
-                f"now TP {self.tp_size} x {world}); resume with deepspeed.zero_stage 1 or 2"
-            )
-        elif weights_only:
-            _info(f"{path} holds model weights only: starting at step 0 with a new optimizer state")
-        elif not allow_fresh_optimizer:
-            raise ValueError(
-                f"checkpoint {path} was written with tensor_model_parallel_size="
-                f"{meta['tensor_model_parallel_size']} on {meta['world_size']} ranks; this run has "
-                f"{self.tp_size} on {world}. The model weights reshard, the optimizer state does not: "
-                "set checkpoint.allow_fresh_optimizer=true to continue with a new optimizer state"
-            )
-        else:
-            _warn(
-                f"parallel layout changed (TP {meta['tensor_model_parallel_size']} x {meta['world_size']} ranks "
-                f"-> TP {self.tp_size} x {world}): model weights are resharded, the OPTIMIZER STATE IS NEW "
-                "(Adam moments restart from zero; checkpoint.allow_fresh_optimizer=true)"
-            )
-            self.fresh_optimizer_at = int(meta["step"])
-        # Model weights from the reshardable copy (authoritative, and the only one usable when
-        # the tensor-parallel size changed).
-        if not (same_layout and zero3):
-            sharded = self._sharded_state()
-            state = dist_checkpointing.load(sharded, os.path.join(path, "model"))
-            memory = {k: v for k, v in state.items() if k.startswith("infini_memory.")}
-            weights = {k: v for k, v in state.items() if not k.startswith("infini_memory.")}
-            self.model.load_state_dict(weights, strict=True)
+        if plan != "deepspeed" or not self._zero3():
+            # Model weights from the reshardable copy (DeepSpeed's ZeRO-3 files carry their own).
+            with self._gathered(modify=True):
+                sharded = self._sharded_state()
+                state = dist_load(sharded, os.path.join(path, "model"), _dp_group())
+                memory = {k: v for k, v in state.items() if k.startswith("infini_memory.")}
+                weights = {k: v for k, v in state.items() if not k.startswith("infini_memory.")}
+                self.model.load_state_dict(weights, strict=True)
             if memory:
                 from megatron_infini.streaming import load_memory_state_dict
 
                 load_memory_state_dict(self.model, memory)
-            if not same_layout:  # (or weights only)
-                # ZeRO keeps its own fp32 copy of the weights: copy the loaded ones into it, or
-                # the first step would write the initial weights back.
-                refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
-                if refresh is not None:
-                    refresh()
+            # ZeRO keeps its own fp32 copy of the weights: copy the loaded ones into it, or
+            # the first step would write the initial weights back (bf16 runs then take the
+            # saved fp32 master weights from the optimizer state).
+            refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
+            if refresh is not None and plan != "deepspeed":
+                refresh()
+        if plan == "sharded":
+            read = lambda request: dist_load(request, os.path.join(path, "model"))  # noqa: E731
+            with self._gathered():
+                opt_state.load(self.engine, self.model, self.model.sharded_state_dict(), meta["optimizer"], read)
+        if plan != "fresh":  # DeepSpeed's own counters (its checkpoint is not loaded)
+            self.engine.global_steps = int(meta["step"])
+            self.engine.micro_steps = int(meta["step"]) * self.engine.gradient_accumulation_steps()
         self.loaded_step = meta["step"]
         if weights_only:
             return {"trainer": {"step": 0, "consumed_tokens": 0, "data": {"consumed_samples": 0}},
                     "meta": meta, "path": path}
         rank_file = os.path.join(path, "trainer", f"rank_{_rank():05d}.pt")
-        if not same_layout or not os.path.isfile(rank_file):
+        if not same or not os.path.isfile(rank_file):
             rank_file = os.path.join(path, "trainer", "rank_00000.pt")
         trainer_state = torch.load(rank_file, weights_only=True, map_location="cpu")
-        if not same_layout:
+        if not same:
             trainer_state.pop("rng", None)  # per-rank RNG streams do not map onto a new layout
+            _info(f"parallel layout changed: weights and optimizer state resharded; RNG streams stay as seeded "
+                  f"at start (train.seed)")
         _info(f"resumed from {path} (step {meta['step']})")
         return {"trainer": trainer_state, "meta": meta, "path": path}
 

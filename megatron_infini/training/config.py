@@ -271,8 +271,14 @@ class CheckpointConfig:
     """auto (latest complete checkpoint in run_dir, if any) | none | a checkpoint path."""
     exit_duration_minutes: float = 0.0
     """Save and exit with the requeue code after this many minutes; 0 = no limit."""
+    async_save: bool = False
+    """Write the periodic checkpoints in the background (a forked writer per rank; the
+    checkpoint is published at a later step boundary once all writers are done). Saves on a
+    stop request and at the end stay synchronous; ZeRO-3 always saves synchronously."""
     allow_fresh_optimizer: bool = False
-    """On a tensor-parallel size change, continue with a new optimizer state instead of failing."""
+    """When the checkpoint's optimizer state cannot be resharded to this run (written before the
+    sharded optimizer format, or by another optimizer), continue with a new optimizer state
+    instead of failing. Layout changes (tp, cp, dp, ZeRO stage) do not need it."""
 
     def validate(self, prefix: str = "checkpoint") -> None:
         _at_least(f"{prefix}.save_interval", self.save_interval, 0)

@@ -136,11 +136,12 @@ class Trainer:
         restore_rng(state)
         self.wandb_id = loaded["meta"].get("wandb_id")
 
-    def save(self, logger: MetricsLogger) -> None:
+    def save(self, logger: MetricsLogger, background: bool = False) -> None:
         t0 = time.perf_counter()
         path = self.ckpt.save(self.step, self.trainer_state(),
                               {"wandb_id": logger.wandb_id, "consumed_tokens": self.consumed_tokens,
-                               "tokenizer": self.tokenizer.describe()})
+                               "tokenizer": self.tokenizer.describe()},
+                              background=background and self.cfg.checkpoint.async_save)
         logger.event("checkpoint", step=self.step, path=path, seconds=round(time.perf_counter() - t0, 3))
 
     # ------------------------------------------------------------------ steps
@@ -214,6 +215,7 @@ class Trainer:
                 if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
                     metrics["val_loss"] = self.evaluate()
                 logger.log(self.step, metrics)
+                self.ckpt.finish_pending()  # publish background saves that are done
                 if stop.check():
                     self.save(logger)
                     logger.event("stop", step=self.step, reason=stop.reason or "another rank")
@@ -228,10 +230,11 @@ class Trainer:
                     return exit_codes.EXIT_REQUEUE
                 interval = cfg.checkpoint.save_interval
                 if interval and self.step % interval == 0 and self.step < cfg.train.steps:
-                    self.save(logger)
+                    self.save(logger, background=True)
                     saved_at = self.step
             if cfg.checkpoint.save_at_end and (saved_at != self.step or not self.ckpt.candidates("auto")):
                 self.save(logger)
+            self.ckpt.finish_pending(blocking=True)
             logger.event("done", step=self.step)
             if self.rank == 0 and os.path.exists(os.path.join(cfg.run_dir, exit_codes.REQUEUE_FILE)):
                 os.remove(os.path.join(cfg.run_dir, exit_codes.REQUEUE_FILE))
