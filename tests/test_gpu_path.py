@@ -293,3 +293,26 @@ def test_gpu_check_script_is_ready():
                            "op,train,stream"], capture_output=True, text=True, cwd=REPO, check=True).stdout
     assert "bench_attention.py --device cuda --dtype bf16" in plan and "train.seq_length=32768" in plan
     assert "--stream-worker" in plan
+
+
+# ----------------------------------------------------------------------------- inference dtype
+def test_inference_dtype(debug_run, tmp_path):
+    """--dtype: auto is bf16 on GPU and fp32 on CPU; a bf16 evaluation of the debug run gives the
+    fp32 perplexity within bf16's precision, and says which dtype it loaded."""
+    from train_utils import run_cli
+
+    from megatron_infini.inference.loader import resolve_dtype
+
+    assert resolve_dtype("auto", cuda=True) == torch.bfloat16 and resolve_dtype("auto", cuda=False) == torch.float32
+    assert resolve_dtype("fp32", cuda=True) == torch.float32
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        resolve_dtype("fp16")
+    ppl = {}
+    for dtype in ("fp32", "bf16"):
+        out = tmp_path / f"{dtype}.json"
+        text = run_cli("eval", "perplexity", "--checkpoint", debug_run, "--max-tokens", "300", "--no-ablation",
+                       "--dtype", dtype, "--json", str(out))
+        assert f"{dtype} weights" in text and "float32 memory state" in text
+        ppl[dtype] = json.loads(out.read_text())["overall"]["ppl_memory_on"]
+    assert abs(ppl["bf16"] / ppl["fp32"] - 1) < 0.05, ppl
+    assert ppl["bf16"] != ppl["fp32"]  # bf16 really ran
