@@ -80,5 +80,5 @@ def _log_once(plan: SdpaPlan, q: torch.Tensor, gqa: bool) -> None:
         return
     _LOGGED.add(key)
     how = "k/v expanded to the query heads" if plan.expand_kv and gqa else ("GQA native" if gqa else "no GQA")
-    logger.info("megatron-infini local attention: SDPA %s kernel (%s, %s, %s)",
+    logger.info("local attention: SDPA %s kernel (%s, %s, %s)",
                 plan.kernel, q.device.type, str(_effective_dtype(q)).replace("torch.", ""), how)
