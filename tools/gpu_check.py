@@ -109,8 +109,8 @@ def stage_op(r: Runner, peak) -> None:
         for x in (x for x in data["results"] if x["s"] == s and x["impl"] == "fast"):
             ratio = statistics.median(f / t for f, t in zip(full["times_s"], x["times_s"])) if full else None
             r.add("op", f"{s // 1024}K {x['update']}: fast / flash full causal (fwd+bwd)",
-                  f"{x['time_s'] * 1e3:.1f} ms / {full['time_s'] * 1e3:.1f} ms = {ratio:.1f}x faster; "
-                  f"{100 * x['flops_per_s'] / rate:.0f}% / {100 * full['flops_per_s'] / rate:.0f}% of peak"
+                  f"{x['time_s'] * 1e3:.1f} ms vs {full['time_s'] * 1e3:.1f} ms: full / fast = {ratio:.1f}x; "
+                  f"{100 * x['flops_per_s'] / rate:.0f}% vs {100 * full['flops_per_s'] / rate:.0f}% of peak"
                   if full else f"{x['time_s'] * 1e3:.1f} ms (full attention missing)")
 
 
@@ -166,6 +166,9 @@ def stage_train(r: Runner, peak, gpu_gib: float) -> None:
         tflops = statistics.median(s["tflops_per_gpu"] for s in late)
         mfu = f"MFU {100 * tflops * 1e12 / peak:.1f}%" if peak else f"{tflops:.0f} TFLOP/s (peak unknown)"
         mem = max(s["peak_mem_gb"] for s in steps)
+        setup = [l.split("[train] ", 1)[1].strip() for l in open(os.path.join(r.out, f"{name}.log"), errors="replace")
+                 if "[train] precision" in l]
+        what += f" [{setup[0]}]" if setup else ""
         r.add("train", what + (" (full recompute: OOM without)" if recompute else ""),
               f"{tps:,.0f} tokens/s, {tflops:.0f} TFLOP/s, {mfu}; peak {mem:.1f} GiB (estimate {est:.1f}); "
               f"loss {steps[0]['loss']:.2f} -> {steps[-1]['loss']:.2f}")
