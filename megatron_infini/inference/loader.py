@@ -110,13 +110,12 @@ def load_model_for_inference(
     model.load_state_dict({k: v for k, v in state.items() if not k.startswith("infini_memory.")}, strict=True)
     model.eval()
     model.checkpoint_dir = ckpt  # for reports
-    _say_once(f"[inference] {ckpt}: {'bf16' if bf16 else 'fp32'} weights on {next(model.parameters()).device}, "
+    _say(f"[inference] {ckpt}: {'bf16' if bf16 else 'fp32'} weights on {next(model.parameters()).device}, "
               "float32 memory state")
     return model, cfg, tokenizer
 
 
-
-def _say_once(message: str) -> None:
+def _say(message: str) -> None:
     """One line on stderr; also turns on this package's INFO log (the attention kernel choice)."""
     import sys
 
