@@ -18,6 +18,8 @@ called explicitly by our code (layer construction, test helpers), never at impor
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 _APPLIED = False
@@ -65,22 +67,38 @@ def param_device(config) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def ensure_sequence_parallel_final_norm() -> bool:
-    """Let `GPTModel(transformer_layer_spec=<a layer spec>)` build with sequence parallelism
-    when neither Transformer Engine nor Apex is installed.
+def final_norm_replacement(layer_norm_impl: type) -> Optional[type]:
+    """Our `Norm` when Megatron's choice of final norm cannot serve every config, else None.
 
-    Why: given a *layer* spec, megatron-core's `TransformerBlock` picks the decoder's final norm
-    itself (`transformer_block.LayerNormImpl`); without TE/Apex that is `WrappedTorchNorm`, which
-    asserts `not config.sequence_parallel`. No spec can change that choice, so we point the
-    fallback at our `Norm` (same math, plus sequence-parallel support). Only the fallback is
-    replaced: with TE or Apex present nothing changes. Idempotent; returns True if patched.
-    Called by `get_gpt_layer_infini_spec()`; tested in tests/test_megatron_layer.py.
+    megatron-core's `TransformerBlock` picks the final norm of a model built from a *layer*
+    spec at import time (`transformer_block.LayerNormImpl`): TE's `TENorm` when Transformer
+    Engine imports (fine), else Apex's `FusedLayerNorm` when `apex` imports (asserts
+    `normalization == "LayerNorm"`, so every RMSNorm model fails), else `WrappedTorchNorm`
+    (asserts `not sequence_parallel`). The last two are replaced.
     """
-    from megatron.core.transformer import transformer_block
+    from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     from megatron_infini.layers.norms import Norm
 
-    if transformer_block.LayerNormImpl is WrappedTorchNorm:
-        transformer_block.LayerNormImpl = Norm
+    return Norm if layer_norm_impl in (WrappedTorchNorm, FusedLayerNorm) else None
+
+
+def ensure_sequence_parallel_final_norm() -> bool:
+    """Let `GPTModel(transformer_layer_spec=<a layer spec>)` build with RMSNorm and sequence
+    parallelism when Transformer Engine is not installed (Apex or not).
+
+    No spec can change Megatron's choice of final norm (see `final_norm_replacement`), so we
+    point it at our `Norm` (same math, Apex's fused kernels when importable, plus RMSNorm and
+    sequence-parallel support). With TE nothing changes. Idempotent; returns True if our
+    `Norm` is the final norm. Called by `get_gpt_layer_infini_spec()`; tested in
+    tests/test_gpu_path.py and tests/test_megatron_layer.py.
+    """
+    from megatron.core.transformer import transformer_block
+
+    from megatron_infini.layers.norms import Norm
+
+    replacement = final_norm_replacement(transformer_block.LayerNormImpl)
+    if replacement is not None:
+        transformer_block.LayerNormImpl = replacement
     return transformer_block.LayerNormImpl is Norm

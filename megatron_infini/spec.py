@@ -7,9 +7,20 @@
 Norm type (RMSNorm / LayerNorm), MLP activation (SwiGLU / GELU) and biases are config
 fields (`normalization`, `gated_linear_unit`, `activation_func`, `add_bias_linear`), as in
 Megatron; only modules are chosen here.
+
+Which linear layers and norms (`transformer_impl`, "auto" by default):
+- "transformer_engine" (auto's choice when `transformer_engine` imports): TE's linear layers,
+  the norms fused into the next linear (`TELayerNormColumnParallelLinear`), FP8 when
+  `config.fp8` is set. The block spec's final norm and q/k norms stay our `Norm`; with
+  `sequence_parallel` the block spec keeps our `Norm` before TE's (unfused) linear layers, so
+  norm gradients are reduced correctly under any wrapper (DeepSpeed included).
+- "local": Megatron's own linear layers and our `Norm` (Apex's fused kernels when importable).
+The core attention is Infini-attention either way.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -37,20 +48,56 @@ def _attention_modules(memory_type: str):
         raise ValueError(f"memory_type must be one of ('infini', 'compressive', 'xl'), got {memory_type!r}")
     return _ATTENTION[memory_type]
 
+TRANSFORMER_IMPLS = ("auto", "transformer_engine", "local")
 
-def get_gpt_layer_infini_spec(qk_layernorm: bool = False, memory_type: str = "infini") -> ModuleSpec:
+
+def have_transformer_engine() -> bool:
+    """True when Transformer Engine and Megatron's TE extension both import."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+        from megatron.core.extensions import transformer_engine  # noqa: F401
+    except Exception:  # ImportError, or a TE build that does not match this torch/CUDA
+        return False
+    return True
+
+
+def choose_transformer_impl(requested: str = "auto", te_available: Optional[bool] = None) -> str:
+    """"transformer_engine" or "local" for `requested` (auto | transformer_engine | local).
+
+    auto: Transformer Engine when it imports, else local. `te_available`: default
+    `have_transformer_engine()`. Raises ValueError for an unknown value or an explicit
+    "transformer_engine" without TE.
+    """
+    if requested not in TRANSFORMER_IMPLS:
+        raise ValueError(f"transformer_impl must be one of {TRANSFORMER_IMPLS}, got {requested!r}")
+    if requested == "local":
+        return "local"
+    te = have_transformer_engine() if te_available is None else te_available
+    if requested == "transformer_engine" and not te:
+        raise ValueError("transformer_impl='transformer_engine' but transformer_engine does not import; "
+                         "install Transformer Engine or use 'auto' / 'local'")
+    return "transformer_engine" if te else "local"
+
+
+def get_gpt_layer_infini_spec(qk_layernorm: bool = False, memory_type: str = "infini",
+                              transformer_impl: str = "auto", fuse_norms: bool = True) -> ModuleSpec:
     """Spec of one transformer layer: Norm -> self-attention with memory -> Norm -> MLP.
 
     memory_type: "infini" (Infini-attention), "compressive" or "xl" (Compressive Transformer /
     Transformer-XL memories, `megatron_infini.layers.compressive`); must equal the config's
     `memory_type` (`get_gpt_block_infini_spec(config)` takes it from the config).
 
-    Megatron modules only (no Apex / Transformer Engine needed), tensor- and
-    sequence-parallel. Passed to `GPTModel` as is, Megatron adds its *own* final norm; without
-    Apex/TE that norm refuses `sequence_parallel=True`, so this call points Megatron's fallback
-    at our `Norm` (see `compat.ensure_sequence_parallel_final_norm`).
+    transformer_impl: see the module docstring; "local" needs neither Apex nor TE.
+    fuse_norms (TE only): fold each norm into the next linear layer. Under Megatron's DDP
+    that is right with sequence parallelism too; under other wrappers use the block spec.
+
+    Passed to `GPTModel` as is, Megatron adds its *own* final norm; without TE it would be
+    torch's (refuses `sequence_parallel=True`) or Apex's `FusedLayerNorm` (refuses RMSNorm),
+    so this call points Megatron's choice at our `Norm` (`compat.ensure_sequence_parallel_final_norm`).
     `get_gpt_block_infini_spec(config)` builds the same model with no such patch.
     """
+    if choose_transformer_impl(transformer_impl) == "transformer_engine":
+        return _te_layer_spec(qk_layernorm, fuse_norms, memory_type)
     from megatron_infini.compat import ensure_sequence_parallel_final_norm
 
     ensure_sequence_parallel_final_norm()
@@ -82,16 +129,60 @@ def get_gpt_layer_infini_spec(qk_layernorm: bool = False, memory_type: str = "in
     )
 
 
-def get_gpt_block_infini_spec(config: TransformerConfig, qk_layernorm: bool = False) -> ModuleSpec:
+def _te_layer_spec(qk_layernorm: bool, fuse_norms: bool, memory_type: str) -> ModuleSpec:
+    """The layer with Transformer Engine's linear layers (imported only here)."""
+    from megatron.core.extensions.transformer_engine import (
+        TEColumnParallelLinear,
+        TELayerNormColumnParallelLinear,
+        TERowParallelLinear,
+    )
+
+    qk_norm = ModuleSpec(module=Norm, params={"per_head": True}) if qk_layernorm else IdentityOp
+    column = TELayerNormColumnParallelLinear if fuse_norms else TEColumnParallelLinear
+    norm = IdentityOp if fuse_norms else Norm
+    self_attention, core_attention = _attention_modules(memory_type)
+    # Fused norms live in the linear layers; their checkpoint keys are the local spec's, so a
+    # checkpoint's weights read the same under either spec.
+    keys_map = ({"self_attention.linear_qkv.layer_norm_": "input_layernorm.",
+                 "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm."} if fuse_norms else {})
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(
+                module=self_attention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=column,
+                    core_attention=core_attention,
+                    linear_proj=TERowParallelLinear,
+                    q_layernorm=qk_norm,
+                    k_layernorm=qk_norm,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=TERowParallelLinear)),
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=keys_map,
+        ),
+    )
+
+
+def get_gpt_block_infini_spec(config: TransformerConfig, qk_layernorm: bool = False,
+                              transformer_impl: str = "auto") -> ModuleSpec:
     """Spec of the whole decoder: `config.num_layers` layers with the memory of
     `config.memory_type` and a final `Norm`.
 
     Accepted by `GPTModel(transformer_layer_spec=...)` like a layer spec; use it whenever
     `sequence_parallel=True` (works without Apex / Transformer Engine, and the final norm's
-    gradient is reduced correctly under any wrapper).
+    gradient is reduced correctly under any wrapper). With Transformer Engine and sequence
+    parallelism the norms are not fused (see the module docstring).
     """
     layer = get_gpt_layer_infini_spec(qk_layernorm=qk_layernorm,
-                                      memory_type=getattr(config, "memory_type", "infini"))
+                                      memory_type=getattr(config, "memory_type", "infini"),
+                                      transformer_impl=transformer_impl,
+                                      fuse_norms=not config.sequence_parallel)
     return ModuleSpec(
         module=TransformerBlock,
         submodules=TransformerBlockSubmodules(layer_specs=[layer] * config.num_layers, layer_norm=Norm),

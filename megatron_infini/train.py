@@ -65,6 +65,17 @@ def _log_versions(cfg, rank: int) -> None:
     print(f"[train] megatron-infini {megatron_infini.__version__}, torch {torch.__version__}, "
           f"megatron-core {megatron.core.__version__}, deepspeed {deepspeed.__version__}; "
           f"run_dir {os.path.abspath(cfg.run_dir)}", file=sys.stderr, flush=True)
+    from megatron_infini.log import enable_package_log
+    from megatron_infini.spec import choose_transformer_impl
+    from megatron_infini.training.engine import grad_accum_dtype, optimizer_impl, use_bf16
+
+    enable_package_log()  # the attention kernel choice and other one-time notes
+    bf16 = use_bf16(cfg)
+    print(f"[train] precision {'bf16' if bf16 else 'fp32'} (gradient accumulation {grad_accum_dtype(cfg, bf16)}, "
+          f"reduction {cfg.deepspeed.communication_data_type if bf16 else 'fp32'}, fp32 master weights and memory), "
+          f"optimizer {optimizer_impl(cfg)}, layers {choose_transformer_impl(cfg.model.transformer_impl)}"
+          f"{', fp8 ' + cfg.model.fp8 if cfg.model.fp8 else ''}{', compiled' if cfg.train.compile else ''}",
+          file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from megatron_infini.inference.loader import add_dtype_arg
+
 from .passkey_data import PasskeyBuilder, PasskeySample, parse_key, random_key
 
 
@@ -130,6 +132,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-segments", type=int, default=16, help="whole segments per forward call")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json", help="write the results to this JSON file")
+    add_dtype_arg(p)
     p.add_argument("overrides", nargs="*", help="config overrides for the saved config (shape must not change)")
 
 
@@ -164,7 +167,7 @@ def main(argv=None) -> int:
     from megatron_infini.inference.loader import inference_session, load_model_for_inference
 
     with inference_session():
-        model, cfg, tok = load_model_for_inference(args.checkpoint, overrides=args.overrides)
+        model, cfg, tok = load_model_for_inference(args.checkpoint, overrides=args.overrides, dtype=args.dtype)
         results = {}
         for memory in ([True, False] if args.no_memory else [True]):
             key = "on" if memory else "off"

@@ -26,6 +26,8 @@ from typing import Dict, Iterator, List, Sequence
 import numpy as np
 import torch
 
+from megatron_infini.inference.loader import add_dtype_arg
+
 
 def iter_token_documents(paths: Sequence[str], tokenizer, max_docs: int) -> Iterator[np.ndarray]:
     """Token ids of each document (EOS dropped) from indexed prefixes or text / JSONL files."""
@@ -72,6 +74,7 @@ def segment_losses(model, doc: np.ndarray, segment_length: int, chunk_segments: 
     from megatron_infini.streaming import reset_memory, set_memory_carry
 
     m = unwrap(model)
+    device = next(m.parameters()).device
     N = segment_length
     chunk = chunk_segments * N
     tokens = torch.from_numpy(doc).unsqueeze(0)  # [1, T]
@@ -92,8 +95,9 @@ def segment_losses(model, doc: np.ndarray, segment_length: int, chunk_segments: 
                 parts = [(inputs, labels)]
             loss = []
             for x, y in parts:
-                pos = torch.arange(x.shape[1]).unsqueeze(0).expand_as(x)
-                loss.append(m(x, pos, None, labels=y).reshape(-1).double().numpy())  # [b, s] -> row-major
+                x, y = x.to(device), y.to(device)
+                pos = torch.arange(x.shape[1], device=device).unsqueeze(0).expand_as(x)
+                loss.append(m(x, pos, None, labels=y).reshape(-1).double().cpu().numpy())  # [b, s] -> row-major
             loss = np.concatenate(loss)  # [s]
             seg = (start + np.arange(len(loss))) // N
             np.add.at(out[:, 0], seg, loss)
@@ -160,6 +164,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-ablation", action="store_true", help="skip the memory-off run")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", help="write the result to this JSON file")
+    add_dtype_arg(p)
     p.add_argument("overrides", nargs="*", help="config overrides for the saved config (shape must not change)")
     args = p.parse_args(argv)
     if args.threads:
@@ -167,7 +172,7 @@ def main(argv=None) -> int:
     from megatron_infini.inference.loader import inference_session, load_model_for_inference
 
     with inference_session():
-        model, cfg, tok = load_model_for_inference(args.checkpoint, overrides=args.overrides)
+        model, cfg, tok = load_model_for_inference(args.checkpoint, overrides=args.overrides, dtype=args.dtype)
         docs = list(iter_token_documents(args.data, tok, args.max_docs))
         if not docs:
             print("megatron-infini eval perplexity: no documents with 2 or more tokens", file=sys.stderr)

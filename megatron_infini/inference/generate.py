@@ -22,6 +22,8 @@ from typing import Iterator
 
 import torch
 
+from megatron_infini.inference.loader import add_dtype_arg
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="megatron-infini generate", description=__doc__,
@@ -39,6 +41,7 @@ def parse_args(argv):
     p.add_argument("--no-memory", action="store_true", help="ablation: every segment starts from an empty memory")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json", help="write the result and stats to this JSON file")
+    add_dtype_arg(p)
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. model.segment_length=128 (shape must not change)")
     return p.parse_args(argv)
 
@@ -72,7 +75,7 @@ def main(argv=None) -> int:
     from megatron_infini.inference.stream import StreamingLM, memory_numbers
 
     with inference_session():
-        model, cfg, tok = load_model_for_inference(args.checkpoint, overrides=args.overrides)
+        model, cfg, tok = load_model_for_inference(args.checkpoint, overrides=args.overrides, dtype=args.dtype)
         lm = StreamingLM(model, chunk_segments=args.chunk_segments, vocab_limit=tok.vocab_size,
                          memory=not args.no_memory)
         if args.random_prompt_tokens is not None:

@@ -149,8 +149,8 @@ class InfiniCoreAttention(MegatronModule):
                 self.memory = (memory[0].detach(), memory[1].detach())
             if self.training:  # for the trainer's metrics: sum of M^2, sum of z, count of z (TP-reduced by the reader)
                 M, z = memory[0].detach(), memory[1].detach()
-                self.last_memory_stats = torch.stack(
-                    [M.square().sum(), z.sum(), torch.tensor(float(z.numel()), device=z.device)])
+                # the count is made on the device (no host-to-device copy, no stream sync)
+                self.last_memory_stats = torch.stack([M.square().sum(), z.sum(), z.new_full((), float(z.numel()))])
         return out.reshape(s, b, -1)  # [s, b, np * hn]
 
     def _check_context_parallel(self, s: int) -> None:

@@ -1,7 +1,7 @@
 """Fast Infini-attention: all segments at once wherever the math allows.
 
 - Local attention: segments are folded into the batch and run through one fused causal
-  `scaled_dot_product_attention` call (flash / memory-efficient kernels where available).
+  `scaled_dot_product_attention` call on a fused kernel, never the math one (`ops/sdpa.py`).
 - Memory path in float32 with M and z side by side, Mz = [M | z] (dk x (dv + 1)), so one
   matmul gives a retrieval and its normaliser.
 - Linear update: the state before segment j is an exclusive prefix sum (cumsum) over the
@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from ._common import EPS, Memory, check_inputs, empty_memory, pack_memory, unpack_memory
+from ._common import EPS, Memory, autocast_off, check_inputs, empty_memory, pack_memory, unpack_memory
+from .sdpa import sdpa_causal
 
 
 def infini_attention(
@@ -125,13 +126,12 @@ def local_attention_folded(
     q [s, b, hq, dk], k [s, b, hkv, dk], v [s, b, hkv, dv] -> [b*n, hq, N, dv] with
     N = min(segment_length, s) and n = ceil(s / N); rows past s are padding.
     """
-    s, hq, hkv = q.shape[0], q.shape[2], k.shape[2]
+    s = q.shape[0]
     N = min(segment_length, s)
     n = -(-s // N)
     # Zero-padded keys sit after every real query of the last segment, so causality hides them.
-    return F.scaled_dot_product_attention(
-        _fold(q, n, N), _fold(k, n, N), _fold(v, n, N), is_causal=True, scale=scale, enable_gqa=hq != hkv
-    )
+    # A fused kernel always (ops.sdpa): k/v heads expanded where the kernel cannot take GQA.
+    return sdpa_causal(_fold(q, n, N), _fold(k, n, N), _fold(v, n, N), scale)
 
 
 def local_attention(
@@ -206,6 +206,7 @@ class _LinearDeltas(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_off
     def forward(ctx, k, v, N):
         s, b, hkv, dk = k.shape
         dv = v.shape[3]
@@ -220,6 +221,7 @@ class _LinearDeltas(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @autocast_off
     def backward(ctx, grad):
         k, v = ctx.saved_tensors
         dv = v.shape[3]
@@ -248,6 +250,7 @@ class _DeltaStates(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_off
     def forward(ctx, k, v, Mz0, N, eps):
         s, b, hkv, dk = k.shape
         dv = v.shape[3]
@@ -264,6 +267,7 @@ class _DeltaStates(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @autocast_off
     def backward(ctx, grad_states):
         k, v, states = ctx.saved_tensors
         b, hkv, dk, dv1 = states.shape[1:]
@@ -277,11 +281,12 @@ class _DeltaStates(torch.autograd.Function):
             read = sk @ Mz  # (b, hkv, T, dv + 1)
             den = read[..., dv:] + ctx.eps
             # W = [u | d read]: both multiply into dL/dsigma(K_j) in one matmul below
-            W = torch.empty(b, hkv, T, 2 * dv1, dtype=torch.float32, device=k.device)
-            _delta_values(read, _heads(v, start, T), ctx.eps, out=W[..., :dv1])
             g_u = sk @ G[..., :dv]  # (b, hkv, T, dv): dL/dV_j, and -dL/d(what M returned)
-            torch.div(g_u, den.neg(), out=W[..., dv1:-1])
-            W[..., -1:] = (g_u * (read[..., :dv] / den)).sum(dim=-1, keepdim=True) / den
+            W = torch.cat([
+                _delta_values(read, _heads(v, start, T), ctx.eps),
+                g_u / den.neg(),
+                (g_u * (read[..., :dv] / den)).sum(dim=-1, keepdim=True) / den,
+            ], dim=-1)  # (b, hkv, T, 2 * (dv + 1))
             g_sk = W @ torch.cat([G, Mz], dim=-1).transpose(-1, -2)  # (b, hkv, T, dk)
             G += sk.transpose(-1, -2) @ W[..., dv1:]  # through the read of Mz[j]
             G += grad_states[j]  # now dL/dMz[j]
@@ -290,14 +295,12 @@ class _DeltaStates(torch.autograd.Function):
         return grad_k, grad_v, G, None, None
 
 
-def _delta_values(read: torch.Tensor, v: torch.Tensor, eps: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _delta_values(read: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
     """[V - what the memory returns for these keys | 1] (b, hkv, T, dv + 1) float32, from
     read = sigma(K) [M | z]: the rows the delta rule writes, with the ones column writing z."""
     dv = v.shape[-1]
-    if out is None:
-        out = torch.empty(read.shape, dtype=torch.float32, device=read.device)
-    torch.div(read[..., :dv], read[..., dv:] + eps, out=out[..., :dv])
-    torch.sub(v, out[..., :dv], out=out[..., :dv])
+    out = torch.empty(read.shape, dtype=torch.float32, device=read.device)
+    out[..., :dv] = v - read[..., :dv] / (read[..., dv:] + eps)  # no out= into a strided view: torch.compile refuses it
     out[..., dv] = 1.0
     return out
 
@@ -318,6 +321,7 @@ class _RetrieveAndGate(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_off
     def forward(ctx, q, Mz, a_dot, beta, eps):
         s, b, hq, _ = q.shape
         hkv, dv = Mz.shape[2], Mz.shape[4] - 1
@@ -337,6 +341,7 @@ class _RetrieveAndGate(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @autocast_off
     def backward(ctx, grad_out):
         q, Mz, a_dot, beta = ctx.saved_tensors
         s, b, hq, dk = q.shape
@@ -362,9 +367,7 @@ class _RetrieveAndGate(torch.autograd.Function):
             p = (go * nd[..., :dv]).sum(dim=-1, keepdim=True)  # grad . num
             r = (go * a_seg[:, j:j + C, :, :T].transpose(1, 2).float()).sum(dim=-1, keepdim=True)  # grad . A_dot
             grad_beta += (p / den - r).sum(dim=(0, 2, 3, 4))
-            g_nd = torch.empty_like(nd)  # d/d[num | den]
-            torch.mul(go, w, out=g_nd[..., :dv])
-            torch.mul(p, w.div_(den).neg_(), out=g_nd[..., dv:])
+            g_nd = torch.cat([go * w, p * w.div_(den).neg_()], dim=-1)  # d/d[num | den]
             g_Mzq = sq.transpose(-1, -2) @ g_nd  # (b, hq, C, dk, dv + 1)
             if g > 1:
                 g_Mzq = g_Mzq.unflatten(1, (hkv, g)).sum(dim=2)
@@ -380,7 +383,12 @@ def _forward(q, k, v, gate, q_local, k_local, M0, z0, N, update, scale, eps, a_d
     N = min(N, s)  # one short segment when the input is shorter than a segment
     if a_dot is None:
         a_dot = local_attention_folded(q_local, k_local, v, N, scale)  # [b*n, hq, N, dv]
+    return _memory_path(q, k, v, gate, a_dot, M0, z0, N, update, eps)
 
+
+@autocast_off
+def _memory_path(q, k, v, gate, a_dot, M0, z0, N, update, eps):
+    """Retrieval, update and gate of `_forward`, in float32 whatever the caller's autocast."""
     # Memory path in float32, M and z side by side as Mz = [M | z] (b, hkv, dk, dv + 1), so one
     # matmul reads both the retrieval and its normaliser.
     Mz0 = pack_memory(M0, z0)

@@ -15,9 +15,10 @@ from typing import Optional
 
 import torch
 
-from ._common import EPS, Memory, check_inputs, empty_memory, sigma
+from ._common import EPS, Memory, autocast_off, check_inputs, empty_memory, sigma
 
 
+@autocast_off  # the reference computes in float32 whatever the caller's autocast
 def infini_attention_naive(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -89,6 +89,11 @@ class ModelConfig:
     """Separate input embedding and output layer (Llama)."""
     recompute_layers: bool = False
     """Full activation recomputation of every transformer layer."""
+    transformer_impl: str = "auto"
+    """auto (Transformer Engine's linear layers with fused norms when `transformer_engine` imports,
+    else Megatron's local layers) | transformer_engine | local. See `megatron_infini.spec`."""
+    fp8: Optional[str] = None
+    """FP8 linear layers (Transformer Engine only, Hopper or newer): null | hybrid | e4m3."""
 
     def validate(self, prefix: str = "model") -> None:
         for key in ("num_layers", "hidden_size", "num_attention_heads", "segment_length"):
@@ -109,6 +114,10 @@ class ModelConfig:
                                      prefix=f"{prefix}.rope_scaling")
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+        _one_of(f"{prefix}.transformer_impl", self.transformer_impl, ("auto", "transformer_engine", "local"))
+        _one_of(f"{prefix}.fp8", self.fp8, (None, "hybrid", "e4m3"))
+        if self.fp8 and self.transformer_impl == "local":
+            raise ConfigError(f"{prefix}.fp8 needs Transformer Engine: set {prefix}.transformer_impl to auto or transformer_engine")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"{prefix}.hidden_size ({self.hidden_size}) must be divisible by "
@@ -198,6 +207,8 @@ class TrainConfig:
     """Evaluate the validation loss every this many steps; 0 = never."""
     eval_iters: int = 4
     """Validation batches per evaluation."""
+    compile: bool = False
+    """torch.compile every transformer layer (the Infini op compiles without graph breaks)."""
 
     def validate(self, prefix: str = "train") -> None:
         for key in ("steps", "micro_batch_size", "global_batch_size", "seq_length", "eval_iters"):
@@ -231,12 +242,17 @@ class OptimizerConfig:
     """Cosine decay length after warm-up; default: train.steps - warmup_steps."""
     schedule: str = "cosine"
     """cosine | constant (after warm-up)."""
+    impl: str = "auto"
+    """AdamW implementation: auto (torch_fused on GPU, torch on CPU) | torch | torch_fused (one
+    fused kernel, nothing to build) | deepspeed (DeepSpeed's FusedAdam, GPU only, compiled just
+    in time on every node: needs nvcc and ninja there)."""
 
     def validate(self, prefix: str = "optimizer") -> None:
         for key in ("lr", "gate_lr", "min_lr", "weight_decay", "clip_grad", "eps"):
             _at_least(f"{prefix}.{key}", getattr(self, key), 0)
         _at_least(f"{prefix}.warmup_steps", self.warmup_steps, 0)
         _one_of(f"{prefix}.schedule", self.schedule, ("cosine", "constant"))
+        _one_of(f"{prefix}.impl", self.impl, ("auto", "torch", "torch_fused", "deepspeed"))
         if self.min_lr > self.lr:
             raise ConfigError(f"{prefix}.min_lr ({self.min_lr}) must not exceed {prefix}.lr ({self.lr})")
 
@@ -248,13 +264,24 @@ class DeepSpeedConfig:
     zero_stage: int = 1
     """ZeRO stage: 0 (plain data parallel), 1, 2 or 3."""
     precision: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32."""
+    """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32. bf16 keeps fp32 master weights in the
+    optimizer and the Infini memory in fp32."""
+    grad_accum_dtype: str = "auto"
+    """With bf16: dtype the micro-batch gradients are accumulated in. auto: fp32 (as Megatron) with
+    ZeRO 1-3, bf16 with zero_stage 0 (DeepSpeed has no fp32 accumulation without ZeRO) | fp32 | bf16."""
+    communication_data_type: str = "fp32"
+    """With bf16: dtype of the data-parallel gradient reduction, fp32 (as Megatron) | bf16."""
     extra: Dict[str, Any] = field(default_factory=dict)
     """Raw DeepSpeed config entries merged over ours (for knobs not exposed here)."""
 
     def validate(self, prefix: str = "deepspeed") -> None:
         _one_of(f"{prefix}.zero_stage", self.zero_stage, (0, 1, 2, 3))
         _one_of(f"{prefix}.precision", self.precision, ("auto", "bf16", "fp32"))
+        _one_of(f"{prefix}.grad_accum_dtype", self.grad_accum_dtype, ("auto", "fp32", "bf16"))
+        _one_of(f"{prefix}.communication_data_type", self.communication_data_type, ("fp32", "bf16"))
+        if self.grad_accum_dtype == "fp32" and self.zero_stage == 0 and self.precision == "bf16":
+            raise ConfigError(f"{prefix}.grad_accum_dtype=fp32 with bf16 needs {prefix}.zero_stage >= 1 "
+                              "(DeepSpeed accumulates in bf16 without ZeRO); use auto or bf16")
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any, Dict, List
 import torch
 from megatron.core import parallel_state as ps
 
-from .config import Config
+from .config import Config, ConfigError
 
 
 class MegatronMPU:
@@ -74,8 +74,38 @@ def use_bf16(cfg: Config) -> bool:
     return cfg.deepspeed.precision == "bf16"
 
 
+def grad_accum_dtype(cfg: Config, bf16: bool) -> str:
+    """The gradient accumulation dtype: fp32 in fp32 training; with bf16 `deepspeed.grad_accum_dtype`,
+    whose auto is fp32 with ZeRO 1-3 (DeepSpeed's BF16 optimizer for ZeRO-1) and bf16 with
+    zero_stage 0, where DeepSpeed has no fp32 accumulation."""
+    ds = cfg.deepspeed
+    if not bf16:
+        return "fp32"
+    if ds.grad_accum_dtype == "auto":
+        return "fp32" if ds.zero_stage >= 1 else "bf16"
+    if ds.grad_accum_dtype == "fp32" and ds.zero_stage == 0:
+        raise ConfigError("deepspeed.grad_accum_dtype=fp32 with bf16 needs deepspeed.zero_stage >= 1 "
+                          "(DeepSpeed accumulates in bf16 without ZeRO); use auto or bf16")
+    return ds.grad_accum_dtype
+
+
+def optimizer_impl(cfg: Config) -> str:
+    """`optimizer.impl` resolved: auto is torch's fused AdamW on GPU (nothing to compile on the
+    nodes), torch's AdamW on CPU."""
+    impl = cfg.optimizer.impl
+    if impl == "auto":
+        return "torch_fused" if torch.cuda.is_available() else "torch"
+    if impl == "deepspeed" and not torch.cuda.is_available():
+        raise ConfigError("optimizer.impl=deepspeed (DeepSpeed's FusedAdam) needs a GPU; use auto, torch or torch_fused")
+    return impl
+
+
 def deepspeed_config(cfg: Config, dp_size: int) -> Dict[str, Any]:
     t, opt = cfg.train, cfg.optimizer
+    bf16, impl = use_bf16(cfg), optimizer_impl(cfg)
+    adam: Dict[str, Any] = {"torch_adam": impl != "deepspeed"}
+    if impl == "torch_fused":
+        adam["fused"] = True  # passed on to torch.optim.AdamW
     ds: Dict[str, Any] = {
         # DeepSpeed counts each context-parallel rank as a data-parallel replica
         "train_batch_size": t.global_batch_size * cfg.parallel.context_parallel_size,
@@ -89,15 +119,17 @@ def deepspeed_config(cfg: Config, dp_size: int) -> Dict[str, Any]:
                 "betas": [opt.beta1, opt.beta2],
                 "eps": opt.eps,
                 "weight_decay": opt.weight_decay,
-                # fused Adam is CUDA-only; torch's AdamW runs everywhere
-                "torch_adam": not torch.cuda.is_available(),
+                **adam,
             },
         },
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
-        "bf16": {"enabled": use_bf16(cfg)},
+        "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if bf16:  # Megatron's numerics: bf16 weights and activations, fp32 gradients and reduction
+        ds["data_types"] = {"grad_accum_dtype": grad_accum_dtype(cfg, bf16)}
+        ds["communication_data_type"] = cfg.deepspeed.communication_data_type
     if cfg.deepspeed.zero_stage == 3:
         ds["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False})
     _merge(ds, cfg.deepspeed.extra)

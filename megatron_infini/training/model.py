@@ -61,6 +61,7 @@ def transformer_config(cfg: Config, bf16: bool):
         use_cpu_initialization=not torch.cuda.is_available(),
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        **({"fp8": m.fp8} if m.fp8 else {}),
         **recompute,
     )
 
@@ -74,7 +75,7 @@ def build_model(cfg: Config, vocab_size: int, bf16: bool = False):
     config = transformer_config(cfg, bf16)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_block_infini_spec(config),
+        transformer_layer_spec=get_gpt_block_infini_spec(config, transformer_impl=cfg.model.transformer_impl),
         vocab_size=vocab_size,
         max_sequence_length=cfg.train.seq_length,
         position_embedding_type="rope",
@@ -93,4 +94,18 @@ def build_model(cfg: Config, vocab_size: int, bf16: bool = False):
         setup_context_parallel(model)
     if torch.cuda.is_available():
         model.cuda()
+    if cfg.train.compile:
+        compile_layers(model)
     return model
+
+
+def compile_layers(model: torch.nn.Module, backend: str = "inductor") -> int:
+    """torch.compile every transformer layer in place (`nn.Module.compile`: parameter names and
+    checkpoints unchanged). The Infini op traces without graph breaks; Megatron's modules may
+    add some. Returns the number of layers compiled."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, TransformerLayer)]
+    for layer in layers:
+        layer.compile(backend=backend)
+    return len(layers)
