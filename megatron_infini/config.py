@@ -42,6 +42,14 @@ class InfiniTransformerConfig(TransformerConfig):
     """Activation checkpointing inside the op: 0 keeps all activations; k > 0 recomputes them
     in backward in blocks of k segments, keeping only the memory state between blocks."""
 
+    memory_write_gate: bool = False
+    """Learned write strengths: token t enters the memory (M and z) with weight
+    w_t = sigmoid(u_g . k_t + c_g) per key/value group g (k without RoPE), so a layer can keep
+    filler out of the normaliser that dilutes a stored fact as the input grows
+    (docs/generalisation.md). u, c start at 0 (w = 1/2 everywhere), which gives exactly the
+    paper's output. False: every token written with weight 1 (the paper). Not supported with
+    context_parallel_size > 1."""
+
     memory_enabled: bool = True
     """False turns the memory off (ablation): attention is causal softmax attention within each
     segment only, and the layers hold no gate parameter."""
@@ -78,6 +86,11 @@ class InfiniTransformerConfig(TransformerConfig):
         c = self.checkpoint_segments
         if isinstance(c, bool) or not isinstance(c, int) or c < 0:
             raise ValueError(f"checkpoint_segments must be an integer >= 0, got {c!r}")
+        if not isinstance(self.memory_write_gate, bool):
+            raise ValueError(f"memory_write_gate must be True or False, got {self.memory_write_gate!r}")
+        if self.memory_write_gate and self.context_parallel_size > 1:
+            raise ValueError("memory_write_gate is not supported with context_parallel_size > 1 (the memory relay "
+                             "sends unweighted deltas); use context_parallel_size 1")
         if not isinstance(self.memory_enabled, bool):
             raise ValueError(f"memory_enabled must be True or False, got {self.memory_enabled!r}")
         if self.attention_dropout != 0.0:

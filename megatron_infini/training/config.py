@@ -53,6 +53,9 @@ class ModelConfig:
     """Memory update rule: linear | delta."""
     memory_enabled: bool = True
     """False: plain segment-local attention, no memory (the ablation)."""
+    memory_write_gate: bool = False
+    """Learned per-token write strengths of the memory, sigmoid(u . k_t + c) per key/value head;
+    starts equal to the paper's layer (docs/generalisation.md). False: the paper's layer."""
     gate_init: float = 0.0
     """Initial gate logit beta (sigmoid(0) = 0.5 mixes memory and local attention evenly)."""
     checkpoint_segments: int = 0
@@ -120,6 +123,10 @@ class DataConfig:
     valid_data: str = ""
     """Prefix of preprocessed validation data; empty: the shipped validation play when train_data is
     empty too, else no validation."""
+    train_loss_weights: str = ""
+    """Prefix of per-token loss weights aligned with train_data (an indexed dataset with the same
+    document lengths, e.g. written by `megatron-infini eval passkey-data --answer-weight`): the
+    loss of predicting token t is weighted by weight[t], loss = sum(w * l) / sum(w); empty: all 1."""
     tokenizer: str = ""
     """sentencepiece .model file; empty: the tokenizer shipped with the package."""
     seed: int = 1234

@@ -40,6 +40,7 @@ def transformer_config(cfg: Config, bf16: bool):
         segment_length=m.segment_length,
         memory_update=m.memory_update,
         memory_enabled=m.memory_enabled,
+        memory_write_gate=m.memory_write_gate,
         gate_init=m.gate_init,
         checkpoint_segments=m.checkpoint_segments,
         normalization=m.normalization,
