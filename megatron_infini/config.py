@@ -17,6 +17,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_infini.ops import UPDATE_RULES
 
+#: Values of `memory_write_gate`.
+WRITE_GATES = ("none", "hard", "sigmoid")
+
 #: |gate_init| above this saturates the sigmoid: the memory path (very negative) or the
 #: local path (very positive) gets no gradient. INFINI.md: a -100 init killed the memory.
 GATE_INIT_LIMIT = 10.0
@@ -42,13 +45,15 @@ class InfiniTransformerConfig(TransformerConfig):
     """Activation checkpointing inside the op: 0 keeps all activations; k > 0 recomputes them
     in backward in blocks of k segments, keeping only the memory state between blocks."""
 
-    memory_write_gate: bool = False
-    """Learned write strengths: token t enters the memory (M and z) with weight
-    w_t = sigmoid(u_g . k_t + c_g) per key/value group g (k without RoPE), so a layer can keep
-    filler out of the normaliser that dilutes a stored fact as the input grows
-    (docs/generalisation.md). u, c start at 0 (w = 1/2 everywhere), which gives exactly the
-    paper's output. False: every token written with weight 1 (the paper). Not supported with
-    context_parallel_size > 1."""
+    memory_write_gate: str = "none"
+    """Learned write strengths: token t enters the memory (M and z) with weight w_t computed
+    per key/value group g from its key (without RoPE), so a layer can keep filler out of the
+    normaliser that dilutes a stored fact as the input grows (docs/generalisation.md).
+    "none": every token with weight 1 (the paper). "hard": w_t = clamp(u_g . k_t + c_g, 0, 1),
+    exactly 0 for tokens the layer learns to skip, so they never accumulate, whatever the
+    length. "sigmoid": w_t = sigmoid(u_g . k_t + c_g) (never 0). Both start with w = 1/2
+    everywhere, which gives exactly the paper's output (M and z scale together). Not
+    supported with context_parallel_size > 1."""
 
     memory_enabled: bool = True
     """False turns the memory off (ablation): attention is causal softmax attention within each
@@ -86,9 +91,9 @@ class InfiniTransformerConfig(TransformerConfig):
         c = self.checkpoint_segments
         if isinstance(c, bool) or not isinstance(c, int) or c < 0:
             raise ValueError(f"checkpoint_segments must be an integer >= 0, got {c!r}")
-        if not isinstance(self.memory_write_gate, bool):
-            raise ValueError(f"memory_write_gate must be True or False, got {self.memory_write_gate!r}")
-        if self.memory_write_gate and self.context_parallel_size > 1:
+        if self.memory_write_gate not in WRITE_GATES:
+            raise ValueError(f"memory_write_gate must be one of {WRITE_GATES}, got {self.memory_write_gate!r}")
+        if self.memory_write_gate != "none" and self.context_parallel_size > 1:
             raise ValueError("memory_write_gate is not supported with context_parallel_size > 1 (the memory relay "
                              "sends unweighted deltas); use context_parallel_size 1")
         if not isinstance(self.memory_enabled, bool):

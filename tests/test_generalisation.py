@@ -128,12 +128,12 @@ def _check_write_gate(rank, world_size):
     from test_megatron_layer import build, data, logits
     from torch.testing import assert_close
 
-    from megatron_infini.streaming import set_memory_carry
+    from megatron_infini.streaming import infini_cores, reset_memory, set_memory_carry
 
     ids, _ = data()
-    for update in ("linear", "delta"):
+    for update, gate in (("linear", "hard"), ("delta", "sigmoid")):
         ref = logits(build(memory_update=update), ids)
-        model = build(memory_update=update, memory_write_gate=True)
+        model = build(memory_update=update, memory_write_gate=gate)
         assert_close(logits(model, ids), ref, **TOL)  # u = c = 0: strengths 1/2, the paper's output
         g = torch.Generator().manual_seed(7)
         with torch.no_grad():
@@ -146,6 +146,16 @@ def _check_write_gate(rank, world_size):
         assert_close(torch.cat([logits(model, ids[:, :16]), logits(model, ids[:, 16:])], dim=1), whole, **TOL)
         keys = set(model.sharded_state_dict())
         assert any(k.endswith("core_attention.write_weight") for k in keys)
+
+    model = build(memory_write_gate="hard")  # a token pushed below 0 is not stored at all
+    with torch.no_grad():
+        for core in infini_cores(model):
+            core.write_bias.fill_(-1.0)
+    set_memory_carry(model, True)
+    reset_memory(model)
+    logits(model, ids)
+    assert all(float(core.memory[0].abs().max()) == 0.0 and float(core.memory[1].abs().max()) == 0.0
+               for core in infini_cores(model))
     return True
 
 

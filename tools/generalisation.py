@@ -36,10 +36,11 @@ VARIANTS = {
     "mixed-weighted-delta": (dict(min_length=48, answer_weight=20), ["model.memory_update=delta"]),
     "mixed-weighted-gate2": (dict(min_length=48, answer_weight=20), ["model.gate_init=2.0"]),
     "mixed-weighted-gatelr": (dict(min_length=48, answer_weight=20), ["optimizer.gate_lr=3.0e-3"]),
-    "write": (dict(min_length=None, answer_weight=0), ["model.memory_write_gate=true"]),
-    "mixed-weighted-write": (dict(min_length=48, answer_weight=20), ["model.memory_write_gate=true"]),
-    "mixed-weighted-write-delta": (dict(min_length=48, answer_weight=20),
-                                   ["model.memory_write_gate=true", "model.memory_update=delta"]),
+    "mixed-weighted-sigmoid": (dict(min_length=48, answer_weight=20), ["model.memory_write_gate=sigmoid"]),
+    "hard": (dict(min_length=None, answer_weight=0), ["model.memory_write_gate=hard"]),
+    "mixed-weighted-hard": (dict(min_length=48, answer_weight=20), ["model.memory_write_gate=hard"]),
+    "mixed-weighted-hard-delta": (dict(min_length=48, answer_weight=20),
+                                  ["model.memory_write_gate=hard", "model.memory_update=delta"]),
 }
 
 

@@ -89,8 +89,9 @@ class InfiniCoreAttention(MegatronModule):
         else:
             self.gate = None
         self.write_weight = self.write_bias = None
-        if config.memory_enabled and getattr(config, "memory_write_gate", False):
-            # write strength sigmoid(u . k + c) per key/value group; zeros: 1/2 everywhere = the paper's output
+        self.write_gate = getattr(config, "memory_write_gate", "none")
+        if config.memory_enabled and self.write_gate != "none":
+            # write strength f(u . k + c) per key/value group; u = c = 0: 1/2 everywhere = the paper's output
             dev, ng = param_device(config), self.num_groups_per_partition
             self.write_weight = torch.nn.Parameter(
                 torch.zeros(ng, config.kv_channels, dtype=config.params_dtype, device=dev))  # [ng, hn]
@@ -162,8 +163,11 @@ class InfiniCoreAttention(MegatronModule):
         return out.reshape(s, b, -1)  # [s, b, np * hn]
 
     def write_strength(self, key: torch.Tensor) -> torch.Tensor:
-        """key [s, b, ng, hn] (no RoPE) -> write strengths sigmoid(u . k + c) [s, b, ng], float32."""
+        """key [s, b, ng, hn] (no RoPE) -> write strengths [s, b, ng] float32:
+        clamp(1/2 + u . k + c, 0, 1) ("hard") or sigmoid(u . k + c) ("sigmoid")."""
         logit = torch.einsum("sbgd,gd->sbg", key.float(), self.write_weight.float()) + self.write_bias.float()
+        if self.write_gate == "hard":
+            return (logit + 0.5).clamp(0.0, 1.0)
         return torch.sigmoid(logit)
 
     def _check_context_parallel(self, s: int) -> None:

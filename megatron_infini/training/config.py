@@ -53,9 +53,10 @@ class ModelConfig:
     """Memory update rule: linear | delta."""
     memory_enabled: bool = True
     """False: plain segment-local attention, no memory (the ablation)."""
-    memory_write_gate: bool = False
-    """Learned per-token write strengths of the memory, sigmoid(u . k_t + c) per key/value head;
-    starts equal to the paper's layer (docs/generalisation.md). False: the paper's layer."""
+    memory_write_gate: str = "none"
+    """Learned per-token write strengths of the memory: none (the paper) | hard
+    (clamp(u . k_t + c, 0, 1): skipped tokens never accumulate) | sigmoid; both start equal to
+    the paper's layer (docs/generalisation.md)."""
     gate_init: float = 0.0
     """Initial gate logit beta (sigmoid(0) = 0.5 mixes memory and local attention evenly)."""
     checkpoint_segments: int = 0
@@ -77,6 +78,7 @@ class ModelConfig:
         for key in ("num_layers", "hidden_size", "num_attention_heads", "segment_length"):
             _at_least(f"{prefix}.{key}", getattr(self, key), 1)
         _one_of(f"{prefix}.memory_update", self.memory_update, ("linear", "delta"))
+        _one_of(f"{prefix}.memory_write_gate", self.memory_write_gate, ("none", "hard", "sigmoid"))
         _one_of(f"{prefix}.normalization", self.normalization, ("RMSNorm", "LayerNorm"))
         _one_of(f"{prefix}.activation", self.activation, ("swiglu", "gelu"))
         _at_least(f"{prefix}.checkpoint_segments", self.checkpoint_segments, 0)
