@@ -25,7 +25,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "passkey_tiny.yaml")
 T = 128
 
-#: name -> (data options, trainer overrides). Data: min_length (None: every document T long),
+#: name -> (data options, trainer overrides on top of configs/passkey_tiny.yaml with the paper's
+#: layer, model.memory_write_gate=none). Data: min_length (None: every document T long),
 #: answer_weight (0: plain LM loss on everything).
 VARIANTS = {
     "paper": (dict(min_length=None, answer_weight=0), []),
@@ -60,7 +61,8 @@ def data_for(out: str, opts: dict, samples: int, digits: int, seed: int) -> tupl
 def train(run_dir: str, prefix: str, weights: str, overrides: list, steps: int, seed: int) -> float:
     cmd = [sys.executable, "-m", "megatron_infini.train", "--config", CONFIG, f"run_dir={run_dir}",
            f"data.train_data={prefix}", f"data.train_loss_weights={weights}", f"train.steps={steps}",
-           f"train.seq_length={T}", f"train.seed={seed}", f"data.seed={seed}", *overrides]
+           f"train.seq_length={T}", f"train.seed={seed}", f"data.seed={seed}", "model.memory_write_gate=none",
+           *overrides]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR")}
     env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONWARNINGS="ignore")
     t0 = time.time()
