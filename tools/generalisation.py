@@ -144,6 +144,8 @@ def main(argv=None) -> int:
     p.add_argument("--mults", default="1,4,16,64", help="evaluation lengths as multiples of T")
     p.add_argument("--table", action="store_true", help="only print the table of finished runs")
     args = p.parse_args(argv)
+    from megatron_infini.evaluation.recipe import write_recipe
+
     if args.table:
         print(table(args.out))
         return 0
@@ -157,6 +159,7 @@ def main(argv=None) -> int:
                 continue
             prefix, weights = data_for(args.out, opts, args.steps * 16, args.digits, seed)
             train_s = train(run_dir, prefix, weights, overrides, args.steps, seed)
+            write_recipe(run_dir, T, args.digits, intro=False)  # `eval passkey --checkpoint RUN_DIR` reads it
             ev = evaluate(run_dir, args.digits, [int(s) for s in args.eval_seeds.split(",")], args.samples, mults, depths)
             res = {"variant": name, "seed": seed, "steps": args.steps, "mults": mults, "train_s": train_s,
                    "data": opts, "overrides": overrides, "eval": ev}

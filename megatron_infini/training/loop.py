@@ -197,7 +197,7 @@ class Trainer:
             logger.event("start", step=self.step, world_size=dist.get_world_size(), dp=self.dp,
                          tp=cfg.parallel.tensor_model_parallel_size)
             batches = self.train_data.batches(cfg.train.micro_batch_size)
-            weights = self.train_weights.batches(cfg.train.micro_batch_size) if self.train_weights else None
+            weights = self.train_weights.batches(cfg.train.micro_batch_size) if self.train_weights is not None else None
             tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
             saved_at = self.step
             while self.step < cfg.train.steps:
@@ -205,7 +205,7 @@ class Trainer:
                 lr = apply_lr(self.engine.optimizer, self.step, cfg.optimizer, cfg.train.steps)
                 losses = []
                 for _ in range(self.grad_acc):
-                    loss = self.forward_loss(next(batches), next(weights) if weights else None)
+                    loss = self.forward_loss(next(batches), next(weights) if weights is not None else None)
                     self.engine.backward(loss)
                     self.engine.step()
                     losses.append(loss.detach())
