@@ -55,6 +55,11 @@ class InfiniTransformerConfig(TransformerConfig):
     everywhere, which gives exactly the paper's output (M and z scale together). Not
     supported with context_parallel_size > 1."""
 
+    memory_write_init: float = 0.5
+    """Initial write strength of every token with `memory_write_gate` (in (0, 1)); any constant
+    gives the paper's output. Near 0 a "hard" gate starts close to skipping, so tokens the loss
+    does not need drop out of the memory early."""
+
     memory_enabled: bool = True
     """False turns the memory off (ablation): attention is causal softmax attention within each
     segment only, and the layers hold no gate parameter."""
@@ -93,6 +98,9 @@ class InfiniTransformerConfig(TransformerConfig):
             raise ValueError(f"checkpoint_segments must be an integer >= 0, got {c!r}")
         if self.memory_write_gate not in WRITE_GATES:
             raise ValueError(f"memory_write_gate must be one of {WRITE_GATES}, got {self.memory_write_gate!r}")
+        w0 = self.memory_write_init
+        if isinstance(w0, bool) or not isinstance(w0, (int, float)) or not 0.0 < w0 < 1.0:
+            raise ValueError(f"memory_write_init must be a number in (0, 1), got {w0!r}")
         if self.memory_write_gate != "none" and self.context_parallel_size > 1:
             raise ValueError("memory_write_gate is not supported with context_parallel_size > 1 (the memory relay "
                              "sends unweighted deltas); use context_parallel_size 1")

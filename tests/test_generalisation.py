@@ -134,10 +134,10 @@ def _check_write_gate(rank, world_size):
     from megatron_infini.streaming import infini_cores, reset_memory, set_memory_carry
 
     ids, _ = data()
-    for update, gate in (("linear", "hard"), ("delta", "sigmoid")):
+    for update, gate, w0 in (("linear", "hard", 0.1), ("delta", "sigmoid", 0.5)):
         ref = logits(build(memory_update=update), ids)
-        model = build(memory_update=update, memory_write_gate=gate)
-        assert_close(logits(model, ids), ref, **TOL)  # u = c = 0: strengths 1/2, the paper's output
+        model = build(memory_update=update, memory_write_gate=gate, memory_write_init=w0)
+        assert_close(logits(model, ids), ref, **TOL)  # u = 0: a constant strength, the paper's output
         g = torch.Generator().manual_seed(7)
         with torch.no_grad():
             for name, p in model.named_parameters():

@@ -40,6 +40,8 @@ VARIANTS = {
     "mixed-weighted-sigmoid": (dict(min_length=48, answer_weight=20), ["model.memory_write_gate=sigmoid"]),
     "hard": (dict(min_length=None, answer_weight=0), ["model.memory_write_gate=hard"]),
     "mixed-weighted-hard": (dict(min_length=48, answer_weight=20), ["model.memory_write_gate=hard"]),
+    "mixed-weighted-hard-init0.1": (dict(min_length=48, answer_weight=20),
+                                    ["model.memory_write_gate=hard", "model.memory_write_init=0.1"]),
     "mixed-weighted-hard-delta": (dict(min_length=48, answer_weight=20),
                                   ["model.memory_write_gate=hard", "model.memory_update=delta"]),
 }

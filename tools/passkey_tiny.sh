@@ -33,7 +33,7 @@ else
 fi
 "${LAUNCH[@]}" --config configs/passkey_tiny.yaml "run_dir=$RUN_DIR" "data.train_data=$RUN_DIR/data/passkey_train" \
     "data.train_loss_weights=$RUN_DIR/data/passkey_train_weights" "train.seq_length=$T" "train.steps=$STEPS" \
-    "train.seed=$SEED" "data.seed=$SEED" "$@" > "$RUN_DIR/train.log" 2>&1 \
+    "train.seed=$SEED" "data.seed=$SEED" "train.micro_batch_size=$((16 / NPROC))" "$@" > "$RUN_DIR/train.log" 2>&1 \
     || { tail -20 "$RUN_DIR/train.log"; exit 1; }
 grep -E "^step" "$RUN_DIR/train.log" | tail -2 || true
 

@@ -91,11 +91,13 @@ class InfiniCoreAttention(MegatronModule):
         self.write_weight = self.write_bias = None
         self.write_gate = getattr(config, "memory_write_gate", "none")
         if config.memory_enabled and self.write_gate != "none":
-            # write strength f(u . k + c) per key/value group; u = c = 0: 1/2 everywhere = the paper's output
+            # write strength f(u . k + c) per key/value group; u = 0: a constant, which gives the paper's output
             dev, ng = param_device(config), self.num_groups_per_partition
             self.write_weight = torch.nn.Parameter(
                 torch.zeros(ng, config.kv_channels, dtype=config.params_dtype, device=dev))  # [ng, hn]
-            self.write_bias = torch.nn.Parameter(torch.zeros(ng, dtype=config.params_dtype, device=dev))  # [ng]
+            w0 = float(getattr(config, "memory_write_init", 0.5))  # strength w0 everywhere at the start
+            c0 = w0 - 0.5 if self.write_gate == "hard" else math.log(w0 / (1.0 - w0))
+            self.write_bias = torch.nn.Parameter(torch.full((ng,), c0, dtype=config.params_dtype, device=dev))  # [ng]
             for p in (self.write_weight, self.write_bias):
                 set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0, stride=1)
         self.carry_memory = False

@@ -57,6 +57,8 @@ class ModelConfig:
     """Learned per-token write strengths of the memory: none (the paper) | hard
     (clamp(u . k_t + c, 0, 1): skipped tokens never accumulate) | sigmoid; both start equal to
     the paper's layer (docs/generalisation.md)."""
+    memory_write_init: float = 0.5
+    """Initial write strength with memory_write_gate, in (0, 1) (any constant: the paper's output)."""
     gate_init: float = 0.0
     """Initial gate logit beta (sigmoid(0) = 0.5 mixes memory and local attention evenly)."""
     checkpoint_segments: int = 0

@@ -41,6 +41,7 @@ def transformer_config(cfg: Config, bf16: bool):
         memory_update=m.memory_update,
         memory_enabled=m.memory_enabled,
         memory_write_gate=m.memory_write_gate,
+        memory_write_init=m.memory_write_init,
         gate_init=m.gate_init,
         checkpoint_segments=m.checkpoint_segments,
         normalization=m.normalization,
