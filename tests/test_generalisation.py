@@ -11,8 +11,10 @@ import pytest
 
 from train_utils import REPO, run_cli
 
-#: The slow recipe test's bar at 4T (docs/generalisation.md: RECIPE_4T_MEASURED).
-RECIPE_4T_THRESHOLD = 0.5
+#: The slow recipe test's bar at 4T. Measured (docs/generalisation.md, 80 prompts each): 19% and
+#: 41% for training seeds 0 and 1, memory off <= 1%, chance 1.1%; with 50 prompts the binomial
+#: standard deviation at 19% is 5.5 points, so 8% is the lower seed minus two deviations.
+RECIPE_4T_THRESHOLD = 0.08
 
 
 @pytest.fixture(scope="module")
@@ -170,9 +172,8 @@ def test_write_gate_layer_starts_as_the_paper_and_streams():
 
 @pytest.mark.slow
 def test_recipe_retrieves_beyond_its_training_length(tmp_path):
-    """The full recipe (tools/passkey_tiny.sh, ~12 min on 2 free cores): at 4T the key is
-    retrieved with memory and not without. Threshold from docs/generalisation.md: over two
-    training seeds and two evaluation seeds the 4T accuracy was RECIPE_4T_MEASURED."""
+    """The full recipe (tools/passkey_tiny.sh, ~6 min on an idle core): at 4T the key is
+    retrieved with memory, far above chance, and not without (RECIPE_4T_THRESHOLD)."""
     run = tmp_path / "pk"
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
     proc = subprocess.run(["bash", os.path.join(REPO, "tools", "passkey_tiny.sh"), str(run)], cwd=REPO, env=env,
