@@ -48,7 +48,7 @@ fi
 echo "== 4/4 the memory at work: train a tiny passkey model (tools/passkey_tiny.sh, ${DEMO_PASSKEY_STEPS:=1000} steps), then retrieve"
 STEPS=$DEMO_PASSKEY_STEPS NPROC=2 PYTHON="$PYTHON" bash tools/passkey_tiny.sh "$RUN_DIR/passkey" > "$RUN_DIR.passkey.log" 2>&1 \
     || { tail -20 "$RUN_DIR.passkey.log"; exit 1; }
-"$PYTHON" -m megatron_infini.cli eval passkey --checkpoint "$RUN_DIR/passkey" --lengths T,16T,64T --depths 0,0.5,1 \
+"$PYTHON" -m megatron_infini.cli eval passkey --checkpoint "$RUN_DIR/passkey" --lengths T,4T,16T,64T --depths 0,0.5,1 \
     --samples 10 --no-memory --json "$RUN_DIR/passkey.json" > /dev/null 2>>"$RUN_DIR.passkey.log" \
     || { tail -20 "$RUN_DIR.passkey.log"; exit 1; }
 "$PYTHON" - "$RUN_DIR/passkey.json" <<'PY'
