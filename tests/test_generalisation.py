@@ -11,10 +11,11 @@ import pytest
 
 from train_utils import REPO, run_cli
 
-#: The slow recipe test's bar at 4T. Measured (docs/generalisation.md, 80 prompts each): 19% and
-#: 41% for training seeds 0 and 1, memory off <= 1%, chance 1.1%; with 50 prompts the binomial
-#: standard deviation at 19% is 5.5 points, so 8% is the lower seed minus two deviations.
-RECIPE_4T_THRESHOLD = 0.08
+#: The slow recipe test's bar at 4T, for the default SEED=0 (docs/generalisation.md): seed 0
+#: measured 91% (80 prompts) and 98% (50 prompts) at 4T, memory off 0%; a run that does not
+#: leave the loss plateau (seed 1) scores 2%. 50% separates the two with a wide margin
+#: (binomial deviation at 90% with 50 prompts: 4 points).
+RECIPE_4T_THRESHOLD = 0.5
 
 
 @pytest.fixture(scope="module")
