@@ -72,7 +72,8 @@ class NeedleBuilder:
         keys = []
         while len(keys) < self.needles:  # distinct keys
             k = random_key(rng, key_digits)
-            keys.append(k) if k not in keys else None
+            if k not in keys:
+                keys.append(k)
         names = rng.sample(NAMES, self.needles) if self.needles > 1 else [None]
         needles = [self._needle(n, k) for n, k in zip(names, keys)]
         question = self.tok.encode(QUESTION if names[0] is None else NAMED_QUESTION.format(name=names[0]))
