@@ -19,6 +19,8 @@ from megatron_infini.ops import UPDATE_RULES
 
 #: Memory types of `InfiniTransformerConfig.memory_type`.
 MEMORY_TYPES = ("infini", "compressive", "xl")
+#: Values of `memory_write_gate`.
+WRITE_GATES = ("none", "hard", "sigmoid")
 
 #: |gate_init| above this saturates the sigmoid: the memory path (very negative) or the
 #: local path (very positive) gets no gradient. docs/infini.md: a -100 init killed the memory.
@@ -44,6 +46,21 @@ class InfiniTransformerConfig(TransformerConfig):
     checkpoint_segments: int = 0
     """Activation checkpointing inside the op: 0 keeps all activations; k > 0 recomputes them
     in backward in blocks of k segments, keeping only the memory state between blocks."""
+
+    memory_write_gate: str = "none"
+    """Learned write strengths: token t enters the memory (M and z) with weight w_t computed
+    per key/value group g from its key (without RoPE), so a layer can keep filler out of the
+    normaliser that dilutes a stored fact as the input grows (docs/generalisation.md).
+    "none": every token with weight 1 (the paper). "hard": w_t = clamp(u_g . k_t + c_g, 0, 1),
+    exactly 0 for tokens the layer learns to skip, so they never accumulate, whatever the
+    length. "sigmoid": w_t = sigmoid(u_g . k_t + c_g) (never 0). Both start with w = 1/2
+    everywhere, which gives exactly the paper's output (M and z scale together). Not
+    supported with context_parallel_size > 1."""
+
+    memory_write_init: float = 0.5
+    """Initial write strength of every token with `memory_write_gate` (in (0, 1)); any constant
+    gives the paper's output. Near 0 a "hard" gate starts close to skipping, so tokens the loss
+    does not need drop out of the memory early."""
 
     memory_enabled: bool = True
     """False turns the memory off (ablation): attention is causal softmax attention within each
@@ -105,6 +122,14 @@ class InfiniTransformerConfig(TransformerConfig):
         c = self.checkpoint_segments
         if isinstance(c, bool) or not isinstance(c, int) or c < 0:
             raise ValueError(f"checkpoint_segments must be an integer >= 0, got {c!r}")
+        if self.memory_write_gate not in WRITE_GATES:
+            raise ValueError(f"memory_write_gate must be one of {WRITE_GATES}, got {self.memory_write_gate!r}")
+        w0 = self.memory_write_init
+        if isinstance(w0, bool) or not isinstance(w0, (int, float)) or not 0.0 < w0 < 1.0:
+            raise ValueError(f"memory_write_init must be a number in (0, 1), got {w0!r}")
+        if self.memory_write_gate != "none" and self.context_parallel_size > 1:
+            raise ValueError("memory_write_gate is not supported with context_parallel_size > 1 (the memory relay "
+                             "sends unweighted deltas); use context_parallel_size 1")
         if not isinstance(self.memory_enabled, bool):
             raise ValueError(f"memory_enabled must be True or False, got {self.memory_enabled!r}")
         if self.attention_dropout != 0.0:
@@ -158,6 +183,7 @@ class InfiniTransformerConfig(TransformerConfig):
             "context_parallel_size > 1": self.context_parallel_size > 1,
             "recompute_granularity='full'": self.recompute_granularity == "full",
             "rotary_interleaved=True": self.rotary_interleaved,
+            f"memory_write_gate={self.memory_write_gate!r}": self.memory_write_gate != "none",
         }
         bad = [name for name, on in unsupported.items() if on]
         if bad:

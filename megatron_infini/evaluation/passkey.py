@@ -27,6 +27,7 @@ import torch
 from megatron_infini.inference.loader import add_dtype_arg
 
 from .passkey_data import PasskeyBuilder, PasskeySample, parse_key, random_key
+from .recipe import find_recipe, parse_lengths
 
 
 def parse_size(text: str) -> int:
@@ -136,11 +137,24 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="config overrides for the saved config (shape must not change)")
 
 
+def apply_recipe(args) -> dict:
+    """Fill --key-digits / --intro left unset from the checkpoint's passkey_recipe.json (if any);
+    returns the recipe ({} when there is none)."""
+    recipe = find_recipe(args.checkpoint) or {}
+    if args.key_digits is None:
+        args.key_digits = recipe.get("key_digits")
+    if args.intro is None:
+        args.intro = bool(recipe.get("intro", True))
+    return recipe
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="megatron-infini eval passkey", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
-    p.add_argument("--lengths", default="1k,4k", help="comma-separated prompt lengths in tokens (4k, 1m, ...)")
+    p.add_argument("--lengths", default="1k,4k",
+                   help="comma-separated prompt lengths in tokens (4k, 1m, ...) or multiples of the recipe's "
+                        "training length (T, 4T, 64T)")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="comma-separated needle depths in [0, 1]")
     p.add_argument("--samples", type=int, default=5, help="prompts per (length, depth) cell")
     p.add_argument("--seed", type=int, default=0)
@@ -148,13 +162,16 @@ def main(argv=None) -> int:
                    help="keys uniform over D-digit numbers (default: the protocol's 1..50000)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts streamed together")
     p.add_argument("--no-memory", action="store_true", help="also run the memory-off ablation")
-    p.add_argument("--no-intro", action="store_true",
-                   help="leave out the protocol's introduction (as the synthetic recall task does)")
+    intro = p.add_mutually_exclusive_group()
+    intro.add_argument("--no-intro", dest="intro", action="store_false", default=None,
+                       help="leave out the protocol's introduction (as the synthetic recall task does)")
+    intro.add_argument("--intro", dest="intro", action="store_true", help="keep the introduction (the default)")
     p.add_argument("--wandb-mode", default="disabled", choices=["online", "offline", "disabled"])
     p.add_argument("--wandb-project", default="megatron-infini")
     args = p.parse_args(argv)
     try:
-        lengths = [parse_size(x) for x in args.lengths.split(",") if x]
+        recipe = apply_recipe(args)
+        lengths = parse_lengths(args.lengths, recipe.get("train_length"))
         depths = [float(x) for x in args.depths.split(",") if x]
     except ValueError as e:
         print(f"megatron-infini eval passkey: {e}", file=sys.stderr)
@@ -173,10 +190,11 @@ def main(argv=None) -> int:
             key = "on" if memory else "off"
             results[key] = run_passkey(model, tok, lengths, depths, args.samples, args.seed, args.key_digits,
                                        args.chunk_segments, args.batch_size, memory,
-                                       log=lambda m: print(m, file=sys.stderr), intro=not args.no_intro)
+                                       log=lambda m: print(m, file=sys.stderr), intro=args.intro)
             print(format_table(results[key]["table"], f"passkey accuracy, memory {key} ({model.checkpoint_dir})"))
         out = {"checkpoint": model.checkpoint_dir, "segment_length": cfg.model.segment_length,
-               "samples": args.samples, "seed": args.seed, "key_digits": args.key_digits, "results": results}
+               "samples": args.samples, "seed": args.seed, "key_digits": args.key_digits, "intro": args.intro,
+               "recipe": recipe or None, "results": results}
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(out, fh, indent=1)

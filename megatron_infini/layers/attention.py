@@ -91,6 +91,18 @@ class InfiniCoreAttention(MegatronModule):
             self.gate.infini_gate = True  # for optimizer groups: own lr, no weight decay (docs/infini.md)
         else:
             self.gate = None
+        self.write_weight = self.write_bias = None
+        self.write_gate = getattr(config, "memory_write_gate", "none")
+        if config.memory_enabled and self.write_gate != "none":
+            # write strength f(u . k + c) per key/value group; u = 0: a constant, which gives the paper's output
+            dev, ng = param_device(config), self.num_groups_per_partition
+            self.write_weight = torch.nn.Parameter(
+                torch.zeros(ng, config.kv_channels, dtype=config.params_dtype, device=dev))  # [ng, hn]
+            w0 = float(getattr(config, "memory_write_init", 0.5))  # strength w0 everywhere at the start
+            c0 = w0 - 0.5 if self.write_gate == "hard" else math.log(w0 / (1.0 - w0))
+            self.write_bias = torch.nn.Parameter(torch.full((ng,), c0, dtype=config.params_dtype, device=dev))  # [ng]
+            for p in (self.write_weight, self.write_bias):
+                set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0, stride=1)
         self.carry_memory = False
         self.memory: Optional[Memory] = None
         self.last_memory_stats: Optional[torch.Tensor] = None  # set by forwards in training mode (metrics)
@@ -139,6 +151,8 @@ class InfiniCoreAttention(MegatronModule):
             op = dict(segment_length=cfg.segment_length, update=cfg.memory_update, q_local=q_local,
                       k_local=k_local, softmax_scale=self.softmax_scale,
                       checkpoint_segments=cfg.checkpoint_segments)
+            if self.write_weight is not None:
+                op["write"] = self.write_strength(key)  # [s, b, ng]
             if self.cp_relay is not None:  # initial memory from the context-parallel ranks before this one
                 out, memory = self.cp_relay.attention(query, key, value, self.gate, **op)
             else:
@@ -152,6 +166,14 @@ class InfiniCoreAttention(MegatronModule):
                 # the count is made on the device (no host-to-device copy, no stream sync)
                 self.last_memory_stats = torch.stack([M.square().sum(), z.sum(), z.new_full((), float(z.numel()))])
         return out.reshape(s, b, -1)  # [s, b, np * hn]
+
+    def write_strength(self, key: torch.Tensor) -> torch.Tensor:
+        """key [s, b, ng, hn] (no RoPE) -> write strengths [s, b, ng] float32:
+        clamp(1/2 + u . k + c, 0, 1) ("hard") or sigmoid(u . k + c) ("sigmoid")."""
+        logit = torch.einsum("sbgd,gd->sbg", key.float(), self.write_weight.float()) + self.write_bias.float()
+        if self.write_gate == "hard":
+            return (logit + 0.5).clamp(0.0, 1.0)
+        return torch.sigmoid(logit)
 
     def _check_context_parallel(self, s: int) -> None:
         n = self.config.segment_length
@@ -171,7 +193,7 @@ class InfiniCoreAttention(MegatronModule):
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         state_dict = self.state_dict(prefix="", keep_vars=True)
         return make_sharded_tensors_for_checkpoint(
-            state_dict, prefix, {"gate": 0}, sharded_offsets,
+            state_dict, prefix, {"gate": 0, "write_weight": 0, "write_bias": 0}, sharded_offsets,
             tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
         )
 

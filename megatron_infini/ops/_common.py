@@ -80,6 +80,15 @@ def unpack_memory(packed: torch.Tensor) -> Memory:
     return packed[..., :-1], packed[..., -1]
 
 
+def check_write(write: Optional[torch.Tensor], s: int, b: int, hkv: int) -> None:
+    """The optional write strengths must be a float tensor [s, b, hkv]."""
+    if write is not None and (not isinstance(write, torch.Tensor) or write.shape != (s, b, hkv)
+                              or not write.is_floating_point()):
+        got = _shape(write) if isinstance(write, torch.Tensor) else type(write).__name__
+        raise ValueError(f"write must be a float tensor [s={s}, b={b}, hkv={hkv}] (one strength per token and "
+                         f"key/value head), got {got}")
+
+
 def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(d) for d in t.shape) + "]"
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from ._common import EPS, Memory, autocast_off, check_inputs, empty_memory, pack_memory, unpack_memory
+from ._common import EPS, Memory, autocast_off, check_inputs, check_write, empty_memory, pack_memory, unpack_memory
 from .sdpa import sdpa_causal
 
 
@@ -50,6 +50,7 @@ def infini_attention(
     softmax_scale: Optional[float] = None,
     eps: float = EPS,
     checkpoint_segments: int = 0,
+    write: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Memory]:
     """Infini-attention over a sequence cut into segments of `segment_length`.
 
@@ -68,6 +69,10 @@ def infini_attention(
         eps: added to the retrieval denominators (an empty memory retrieves exactly 0).
         checkpoint_segments: 0 keeps all activations; k > 0 recomputes them in backward,
             in blocks of k segments, keeping only the memory state between blocks.
+        write: optional write strengths [s, b, hkv] (e.g. in (0, 1)): token t enters the
+            memory with weight w_t, M += w_t sigma(k_t)^T (v_t or its delta correction) and
+            z += w_t sigma(k_t). None: every token with weight 1 (the paper). A constant w
+            gives the same output as None (M and z scale together).
 
     Returns:
         out [s, b, hq, dv] in q's dtype, and the memory (M, z) after the last segment, float32.
@@ -75,6 +80,7 @@ def infini_attention(
         along gives the same result as one call on the whole input.
     """
     s, b, hq, hkv, dk, dv = check_inputs(q, k, v, gate, segment_length, update, memory, q_local, k_local)
+    check_write(write, s, b, hkv)
     if isinstance(checkpoint_segments, bool) or not isinstance(checkpoint_segments, int) or checkpoint_segments < 0:
         raise ValueError(f"checkpoint_segments must be an integer >= 0, got {checkpoint_segments!r}")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(dk)
@@ -86,13 +92,15 @@ def infini_attention(
 
     block = checkpoint_segments * segment_length
     if block == 0 or not torch.is_grad_enabled():
-        return _forward(q, k, v, gate, q_local, k_local, M, z, segment_length, update, scale, eps)
+        return _forward(q, k, v, gate, q_local, k_local, M, z, segment_length, update, scale, eps, write=write)
 
     outs = []
     # split, not slicing: slicing's backward writes each block's gradient into a zero tensor of the full length
-    for qb, kb, vb, qlb, klb in zip(*(x.split(block) for x in (q, k, v, q_local, k_local))):
+    writes = write.split(block) if write is not None else [None] * -(-s // block)
+    for qb, kb, vb, qlb, klb, wb in zip(*(x.split(block) for x in (q, k, v, q_local, k_local)), writes):
         out, M, z = _checkpoint(
-            _forward_flat, qb, kb, vb, gate, qlb, klb, M, z, segment_length, update, scale, eps, use_reentrant=False,
+            _forward_flat, qb, kb, vb, gate, qlb, klb, M, z, segment_length, update, scale, eps, None, wb,
+            use_reentrant=False,
         )
         outs.append(out)
     return torch.cat(outs, dim=0), (M, z)
@@ -251,7 +259,7 @@ class _DeltaStates(torch.autograd.Function):
 
     @staticmethod
     @autocast_off
-    def forward(ctx, k, v, Mz0, N, eps):
+    def forward(ctx, k, v, Mz0, w, N, eps):
         s, b, hkv, dk = k.shape
         dv = v.shape[3]
         segs = _segments(s, N)
@@ -260,8 +268,10 @@ class _DeltaStates(torch.autograd.Function):
         for j, start, T in segs:
             sk = _sigma_(_heads(k, start, T))  # (b, hkv, T, dk)
             u = _delta_values(sk @ states[j], _heads(v, start, T), eps)
+            if w is not None:  # write strengths scale the rows written
+                u.mul_(_heads(w, start, T))
             states[j + 1] = states[j] + sk.transpose(-1, -2) @ u
-        ctx.save_for_backward(k, v, states)
+        ctx.save_for_backward(k, v, states, w)
         ctx.N, ctx.eps = N, eps
         return states
 
@@ -269,11 +279,12 @@ class _DeltaStates(torch.autograd.Function):
     @once_differentiable
     @autocast_off
     def backward(ctx, grad_states):
-        k, v, states = ctx.saved_tensors
+        k, v, states, w = ctx.saved_tensors
         b, hkv, dk, dv1 = states.shape[1:]
         dv = dv1 - 1
         grad_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        grad_w = torch.empty(w.shape, dtype=torch.float32, device=k.device) if w is not None else None
         G = grad_states[-1].clone()  # dL/dMz[j + 1], accumulated from the end
         for j, start, T in reversed(_segments(k.shape[0], ctx.N)):
             Mz = states[j]
@@ -281,9 +292,17 @@ class _DeltaStates(torch.autograd.Function):
             read = sk @ Mz  # (b, hkv, T, dv + 1)
             den = read[..., dv:] + ctx.eps
             # W = [u | d read]: both multiply into dL/dsigma(K_j) in one matmul below
-            g_u = sk @ G[..., :dv]  # (b, hkv, T, dv): dL/dV_j, and -dL/d(what M returned)
+            u = _delta_values(read, _heads(v, start, T), ctx.eps)  # (b, hkv, T, dv + 1)
+            if w is None:
+                g_u = sk @ G[..., :dv]  # (b, hkv, T, dv): dL/dV_j, and -dL/d(what M returned)
+            else:  # rows written are w * u: dL/dw = (sigma(K) G) . u, dL/du = w * sigma(K) G
+                ws = _heads(w, start, T)  # (b, hkv, T, 1)
+                g_rows = sk @ G  # (b, hkv, T, dv + 1)
+                _heads(grad_w, start, T).copy_((g_rows * u).sum(dim=-1, keepdim=True))
+                u = u * ws
+                g_u = g_rows[..., :dv] * ws
             W = torch.cat([
-                _delta_values(read, _heads(v, start, T), ctx.eps),
+                u,
                 g_u / den.neg(),
                 (g_u * (read[..., :dv] / den)).sum(dim=-1, keepdim=True) / den,
             ], dim=-1)  # (b, hkv, T, 2 * (dv + 1))
@@ -292,7 +311,7 @@ class _DeltaStates(torch.autograd.Function):
             G += grad_states[j]  # now dL/dMz[j]
             _heads(grad_v, start, T).copy_(g_u)
             _heads(grad_k, start, T).copy_(g_sk.mul_(sk.clamp_(max=1.0)))  # sigma'(k) = min(sigma(k), 1)
-        return grad_k, grad_v, G, None, None
+        return grad_k, grad_v, G, grad_w, None, None
 
 
 def _delta_values(read: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
@@ -376,28 +395,35 @@ class _RetrieveAndGate(torch.autograd.Function):
         return grad_q, grad_Mz, grad_a, grad_beta, None
 
 
-def _forward(q, k, v, gate, q_local, k_local, M0, z0, N, update, scale, eps, a_dot=None):
+def _forward(q, k, v, gate, q_local, k_local, M0, z0, N, update, scale, eps, a_dot=None, write=None):
     """The op over one block. `a_dot`: the local attention in folded layout [b*n, hq, N, dv]
-    when already computed (see `ops.context.infini_attention_deferred`), else computed here."""
+    when already computed (see `ops.context.infini_attention_deferred`), else computed here.
+    `write`: optional write strengths [s, b, hkv]."""
     s = q.shape[0]
     N = min(N, s)  # one short segment when the input is shorter than a segment
     if a_dot is None:
         a_dot = local_attention_folded(q_local, k_local, v, N, scale)  # [b*n, hq, N, dv]
-    return _memory_path(q, k, v, gate, a_dot, M0, z0, N, update, eps)
+    return _memory_path(q, k, v, gate, a_dot, M0, z0, N, update, eps, write)
 
 
 @autocast_off
-def _memory_path(q, k, v, gate, a_dot, M0, z0, N, update, eps):
+def _memory_path(q, k, v, gate, a_dot, M0, z0, N, update, eps, write=None):
     """Retrieval, update and gate of `_forward`, in float32 whatever the caller's autocast."""
     # Memory path in float32, M and z side by side as Mz = [M | z] (b, hkv, dk, dv + 1), so one
     # matmul reads both the retrieval and its normaliser.
     Mz0 = pack_memory(M0, z0)
     if update == "linear":  # state before segment j: exclusive prefix sum of the deltas
-        cum = torch.cumsum(_LinearDeltas.apply(k, v, N), dim=0)  # (n, b, hkv, dk, dv + 1)
+        if write is None:
+            deltas = _LinearDeltas.apply(k, v, N)  # (n, b, hkv, dk, dv + 1)
+        else:  # w_t sigma(k_t)^T [v_t | 1] = sigma(k_t)^T [w_t v_t | w_t]: weighted values, z column dropped
+            w = write.float().unsqueeze(-1)  # [s, b, hkv, 1]
+            deltas = _LinearDeltas.apply(k, torch.cat([v.float() * w, w], dim=-1), N)[..., :-1]
+        cum = torch.cumsum(deltas, dim=0)  # (n, b, hkv, dk, dv + 1)
         Mz_prev = torch.cat([Mz0.unsqueeze(0), Mz0 + cum[:-1]], dim=0)
         Mz_last = Mz0 + cum[-1]
     else:  # delta rule: sequential, each update reads the state the previous one left
-        states = _DeltaStates.apply(k, v, Mz0, N, eps)  # (n + 1, b, hkv, dk, dv + 1)
+        w = None if write is None else write.float().unsqueeze(-1)  # [s, b, hkv, 1]
+        states = _DeltaStates.apply(k, v, Mz0, w, N, eps)  # (n + 1, b, hkv, dk, dv + 1)
         Mz_prev, Mz_last = states[:-1], states[-1]
 
     out = _RetrieveAndGate.apply(q, Mz_prev, a_dot, torch.sigmoid(gate.float()), eps)  # [s, b, hq, dv]

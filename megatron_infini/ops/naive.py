@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ._common import EPS, Memory, autocast_off, check_inputs, empty_memory, sigma
+from ._common import EPS, Memory, autocast_off, check_inputs, check_write, empty_memory, sigma
 
 
 @autocast_off  # the reference computes in float32 whatever the caller's autocast
@@ -32,9 +32,11 @@ def infini_attention_naive(
     k_local: Optional[torch.Tensor] = None,
     softmax_scale: Optional[float] = None,
     eps: float = EPS,
+    write: Optional[torch.Tensor] = None,
 ):
     """Reference Infini-attention; same contract as `megatron_infini.ops.infini_attention`."""
     s, b, hq, hkv, dk, dv = check_inputs(q, k, v, gate, segment_length, update, memory, q_local, k_local)
+    check_write(write, s, b, hkv)
     g = hq // hkv
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(dk)
     q_local = q if q_local is None else q_local
@@ -67,12 +69,14 @@ def infini_attention_naive(
 
         # 3. memory update with this segment's keys and values, after retrieval
         sk = sigma(heads(k[seg]))  # (b, hkv, T, dk)
+        # write strengths (optional): token t is stored with weight w_t in M and in z
+        skw = sk if write is None else sk * write[seg].float().permute(1, 2, 0).unsqueeze(-1)
         if update == "linear":
-            M = M + sk.transpose(-1, -2) @ vs  # (b, hkv, dk, dv)
+            M = M + skw.transpose(-1, -2) @ vs  # (b, hkv, dk, dv)
         else:  # delta rule: subtract what the memory already returns for these keys
             v_old = (sk @ M) / (sk @ z.unsqueeze(-1) + eps)  # (b, hkv, T, dv)
-            M = M + sk.transpose(-1, -2) @ (vs - v_old)
-        z = z + sk.sum(dim=-2)  # (b, hkv, dk)
+            M = M + skw.transpose(-1, -2) @ (vs - v_old)
+        z = z + skw.sum(dim=-2)  # (b, hkv, dk)
 
         # 4. per-head gate
         a = beta * a_mem + (1.0 - beta) * a_dot  # (b, hkv, g, T, dv)

@@ -63,6 +63,12 @@ class ModelConfig:
     """compressive: evicted tokens per compressed slot (must divide segment_length and xl_memory_length)."""
     reconstruction_loss_weight: float = 1.0
     """compressive: weight of the attention-reconstruction loss (trains only the compressor)."""
+    memory_write_gate: str = "none"
+    """Learned per-token write strengths of the memory: none (the paper) | hard
+    (clamp(u . k_t + c, 0, 1): skipped tokens never accumulate) | sigmoid; both start equal to
+    the paper's layer (docs/generalisation.md)."""
+    memory_write_init: float = 0.5
+    """Initial write strength with memory_write_gate, in (0, 1) (any constant: the paper's output)."""
     gate_init: float = 0.0
     """Initial gate logit beta (sigmoid(0) = 0.5 mixes memory and local attention evenly)."""
     checkpoint_segments: int = 0
@@ -102,6 +108,7 @@ class ModelConfig:
         _one_of(f"{prefix}.memory_type", self.memory_type, ("infini", "compressive", "xl"))
         if self.memory_type != "infini":
             self._validate_past_memory(prefix)  # (InfiniTransformerConfig checks them again)
+        _one_of(f"{prefix}.memory_write_gate", self.memory_write_gate, ("none", "hard", "sigmoid"))
         _one_of(f"{prefix}.normalization", self.normalization, ("RMSNorm", "LayerNorm"))
         _one_of(f"{prefix}.activation", self.activation, ("swiglu", "gelu"))
         _at_least(f"{prefix}.checkpoint_segments", self.checkpoint_segments, 0)
@@ -177,6 +184,10 @@ class DataConfig:
     valid_data: str = ""
     """Prefix of preprocessed validation data; empty: the shipped validation play when train_data is
     empty too, else no validation."""
+    train_loss_weights: str = ""
+    """Prefix of per-token loss weights aligned with train_data (an indexed dataset with the same
+    document lengths, e.g. written by `megatron-infini eval passkey-data --answer-weight`): the
+    loss of predicting token t is weighted by weight[t], loss = sum(w * l) / sum(w); empty: all 1."""
     tokenizer: str = ""
     """Tokenizer the data was made with: a sentencepiece .model, a Hugging Face tokenizer.json, or a
     directory holding one; empty: the tokenizer shipped with the package."""

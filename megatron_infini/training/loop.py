@@ -11,6 +11,7 @@ import signal
 import time
 from typing import Dict, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
@@ -99,6 +100,12 @@ class Trainer:
                   dp_world_size=self.dp, model_vocab_size=self.vocab_size)
         self.train_data = PackedDocumentDataset(train_prefix, **kw)
         self.valid_data = PackedDocumentDataset(valid_prefix, shuffle=False, **kw) if valid_prefix else None
+        self.train_weights = None  # same windows as train_data (same document lengths and order)
+        if cfg.data.train_loss_weights:
+            self.train_weights = PackedDocumentDataset(cfg.data.train_loss_weights, **{**kw, "model_vocab_size": None})
+            if not np.array_equal(self.train_weights.doc_lengths, self.train_data.doc_lengths):
+                raise ConfigError(f"data.train_loss_weights {cfg.data.train_loss_weights!r} does not match "
+                                  f"data.train_data {train_prefix!r}: document lengths differ")
 
         seed_everything(cfg.train.seed)
         self.model = build_model(cfg, self.vocab_size, bf16=use_bf16(cfg))
@@ -133,6 +140,8 @@ class Trainer:
         state = loaded["trainer"]
         self.step, self.consumed_tokens = int(state["step"]), int(state["consumed_tokens"])
         self.train_data.load_state_dict(state["data"])
+        if self.train_weights is not None:
+            self.train_weights.consumed_samples = self.train_data.consumed_samples
         restore_rng(state)
         self.wandb_id = loaded["meta"].get("wandb_id")
 
@@ -146,9 +155,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
 
-    def forward_loss(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward_loss(self, tokens: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mean next-token loss of tokens [b, s + 1]; with weights [b, s + 1] (weight of each
+        token as a label), sum(w * loss) / sum(w) over this rank's tokens."""
         tokens = tokens.to(self.device)
         inputs, labels = tokens[:, :-1], tokens[:, 1:]  # [b, s]
+        w = None if weights is None else weights[:, 1:].to(self.device).float()  # [b, s]
         s = inputs.shape[1]
         position_ids = torch.arange(s, device=self.device).unsqueeze(0).expand_as(inputs)
         if self.cfg.parallel.context_parallel_size > 1:  # this rank's contiguous block [b, s / cp]
@@ -157,8 +169,11 @@ class Trainer:
             cp_group, n = ps.get_context_parallel_group(), self.cfg.model.segment_length
             inputs, labels, position_ids = (split_for_context_parallel(t, 1, cp_group, n)
                                             for t in (inputs, labels, position_ids))
+            w = None if w is None else split_for_context_parallel(w, 1, cp_group, n)
         per_token = self.engine(inputs, position_ids, None, labels=labels)  # [b, s / cp]
-        return per_token.float().mean()
+        if w is None:
+            return per_token.float().mean()
+        return (per_token.float() * w).sum() / w.sum().clamp(min=1.0)
 
     def _dp_mean(self, value: torch.Tensor) -> float:
         value = value.detach().clone().to(self.device)
@@ -187,6 +202,7 @@ class Trainer:
             logger.event("start", step=self.step, world_size=dist.get_world_size(), dp=self.dp,
                          tp=cfg.parallel.tensor_model_parallel_size)
             batches = self.train_data.batches(cfg.train.micro_batch_size)
+            weights = self.train_weights.batches(cfg.train.micro_batch_size) if self.train_weights is not None else None
             tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
             saved_at = self.step
             while self.step < cfg.train.steps:
@@ -194,7 +210,7 @@ class Trainer:
                 lr = apply_lr(self.engine.optimizer, self.step, cfg.optimizer, cfg.train.steps)
                 losses = []
                 for _ in range(self.grad_acc):
-                    loss = self.forward_loss(next(batches))
+                    loss = self.forward_loss(next(batches), next(weights) if weights is not None else None)
                     aux = reconstruction_loss(self.model)  # memory_type=compressive: trains the compressors only
                     self.engine.backward(loss if aux is None else loss + aux)
                     self.engine.step()

@@ -45,6 +45,8 @@ def transformer_config(cfg: Config, bf16: bool):
         compressed_memory_length=m.compressed_memory_length,
         compression_rate=m.compression_rate,
         reconstruction_loss_weight=m.reconstruction_loss_weight,
+        memory_write_gate=m.memory_write_gate,
+        memory_write_init=m.memory_write_init,
         gate_init=m.gate_init,
         checkpoint_segments=m.checkpoint_segments,
         normalization=m.normalization,

@@ -1,0 +1,188 @@
+"""Passkey training data (mixed lengths, loss weights), the recipe command and its format file,
+the needle-in-a-haystack eval, and (slow) the recipe's retrieval beyond its training length."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from train_utils import REPO, run_cli
+
+#: The slow recipe test's bar at 4T, for the default SEED=0 (docs/generalisation.md): seed 0
+#: measured 91% (80 prompts) and 98% (50 prompts) at 4T, memory off 0%; a run that does not
+#: leave the loss plateau (seed 1) scores 2%. 50% separates the two with a wide margin
+#: (binomial deviation at 90% with 50 prompts: 4 points).
+RECIPE_4T_THRESHOLD = 0.5
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from megatron_infini.data import SHAKESPEARE_TOKENIZER
+    from megatron_infini.data.tokenizer import Tokenizer
+
+    return Tokenizer(SHAKESPEARE_TOKENIZER)
+
+
+def test_mixed_length_documents_and_answer_weights(tok, tmp_path):
+    from megatron_infini.data.dataset import PackedDocumentDataset
+    from megatron_infini.evaluation.finetune_data import write_passkey_data
+    from megatron_infini.evaluation.passkey_data import QUESTION, parse_key
+
+    prefix = str(tmp_path / "train")
+    write_passkey_data(prefix, tok, 128, 40, min_length=48, key_digits=2, intro=False, answer_weight=20, seed=5)
+    docs = [json.loads(line) for line in open(prefix + ".jsonl")]
+    ds = PackedDocumentDataset(prefix, 128, shuffle=False)
+    ws = PackedDocumentDataset(prefix + "_weights", 128, shuffle=False)
+    assert (ds.doc_lengths == 128).all() and np.array_equal(ds.doc_lengths, ws.doc_lengths)
+    assert min(d["length"] for d in docs) < 90 < max(d["length"] for d in docs)  # lengths do vary
+    for i, doc in enumerate(docs):
+        x, w = ds.document(i), ws.document(i)
+        n = doc["length"]
+        assert (x[n - 1:] == tok.eos_id).all() and x[n - 2] != tok.eos_id  # answer + EOS, then EOS padding
+        text = tok.decode(x[:n].tolist())
+        assert parse_key(text.split(QUESTION.strip())[1]) == doc["key"] and 10 <= doc["key"] <= 99
+        answer = len(tok.encode(f" {doc['key']}.")) + 1  # with its EOS
+        assert (w[:n - answer] == 1).all() and (w[n - answer:n] == 20).all() and (w[n:] == 0).all()
+    with pytest.raises(ValueError, match="min_length"):
+        write_passkey_data(str(tmp_path / "bad"), tok, 128, 2, min_length=200)
+
+
+def test_recipe_lengths_in_multiples_of_the_training_length(tmp_path):
+    from megatron_infini.evaluation.recipe import find_recipe, parse_lengths, write_recipe
+
+    assert parse_lengths("T,4T,1k,300", 128) == [128, 512, 1024, 300]
+    with pytest.raises(ValueError, match="recipe"):
+        parse_lengths("4T", None)
+    write_recipe(str(tmp_path), 128, 2, intro=False)
+    os.makedirs(tmp_path / "checkpoints" / "iter_0000003")
+    for where in (tmp_path, tmp_path / "checkpoints", tmp_path / "checkpoints" / "iter_0000003"):
+        assert find_recipe(str(where)) == {"train_length": 128, "key_digits": 2, "intro": False}
+    os.makedirs(tmp_path / "other" / "checkpoints")  # another run inside this one: no recipe of its own
+    assert find_recipe(str(tmp_path / "other" / "checkpoints")) is None
+
+
+def test_recipe_command_trains_and_eval_reads_its_format(tmp_path):
+    """tools/passkey_tiny.sh for 3 steps: data, weighted training, recipe file; eval passkey then
+    evaluates in the recorded format with lengths in multiples of T."""
+    run = tmp_path / "pk"
+    env = dict(os.environ, STEPS="3", PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", os.path.join(REPO, "tools", "passkey_tiny.sh"), str(run)], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert json.loads((run / "passkey_recipe.json").read_text()) == {"train_length": 128, "key_digits": 2,
+                                                                     "intro": False}
+    steps = [json.loads(line) for line in open(run / "metrics.jsonl") if '"loss"' in line]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    out = tmp_path / "pk.json"
+    run_cli("eval", "passkey", "--checkpoint", str(run), "--lengths", "T,4T", "--depths", "0,1", "--samples", "2",
+            "--json", str(out))
+    res = json.loads(out.read_text())
+    assert set(res["results"]["on"]["table"]) == {"128", "512"}
+    assert res["key_digits"] == 2 and res["intro"] is False
+    assert all(9 < k < 100 for c in res["results"]["on"]["cells"] for k in c["keys"])  # 2-digit keys
+
+
+def test_needle_prompts(tok):
+    from megatron_infini.evaluation.needle import NeedleBuilder, haystack_ids
+    from megatron_infini.evaluation.passkey_data import NEEDLE, QUESTION, parse_key
+
+    hay = haystack_ids(tok)
+    assert len(hay) > 30000
+    import random
+
+    b = NeedleBuilder(tok, hay, needles=3, intro=True)
+    rng = random.Random(0)
+    for length, depth in ((400, 0.0), (1000, 0.5), (3000, 1.0)):
+        s = b.build(length, depth, rng, key_digits=3)
+        assert len(s.ids) == length
+        text = tok.decode(s.ids)
+        asked = tok.decode(s.ids[s.needle_start:s.needle_end])
+        name = asked.split()[1]
+        assert parse_key(asked) == s.key and f"What is the {name} pass key?" in text
+        assert text.count("pass key is") == 3 + 1  # three needles and the question
+        keys = {parse_key(part) for part in text.split(" pass key is ")[1:]}  # the question ends the text
+        assert len(keys) == 3 and s.key in keys
+    one = NeedleBuilder(tok, hay, needles=1, intro=False).build(500, 0.5, rng)
+    assert tok.decode(one.ids[one.needle_start:one.needle_end]).strip() == NEEDLE.format(key=one.key).strip()
+    assert tok.decode(one.ids).endswith(QUESTION.strip())
+    with pytest.raises(ValueError, match="needles"):
+        NeedleBuilder(tok, hay, needles=0)
+
+
+def test_needle_eval_end_to_end(debug_run, tmp_path):
+    out = tmp_path / "needle.json"
+    text = run_cli("eval", "needle", "--checkpoint", debug_run, "--lengths", "300,700", "--depths", "0,1",
+                   "--needles", "2", "--samples", "2", "--no-memory", "--json", str(out))
+    res = json.loads(out.read_text())
+    assert set(res["results"]) == {"on", "off"} and res["needles"] == 2
+    assert set(res["results"]["on"]["table"]) == {"300", "700"}
+    assert set(res["results"]["off"]["table"]["300"]) == {"0", "1"}
+    cell = res["results"]["on"]["cells"][0]
+    assert {"length", "depth", "accuracy", "samples", "keys", "answers", "seconds"} <= set(cell)
+    assert "needle accuracy (2 keys), memory off" in text
+    proc = subprocess.run([sys.executable, "-m", "megatron_infini.cli", "eval", "needle", "--checkpoint", debug_run,
+                           "--needles", "9"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.returncode == 2 and "--needles" in proc.stdout
+
+
+def _check_write_gate(rank, world_size):
+    import torch
+    from _dist import TOL
+    from test_megatron_layer import build, data, logits
+    from torch.testing import assert_close
+
+    from megatron_infini.streaming import infini_cores, reset_memory, set_memory_carry
+
+    ids, _ = data()
+    for update, gate, w0 in (("linear", "hard", 0.1), ("delta", "sigmoid", 0.5)):
+        ref = logits(build(memory_update=update), ids)
+        model = build(memory_update=update, memory_write_gate=gate, memory_write_init=w0)
+        assert_close(logits(model, ids), ref, **TOL)  # u = 0: a constant strength, the paper's output
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(("write_weight", "write_bias")):
+                    p.copy_(torch.randn(p.shape, generator=g) * 2)
+        whole = logits(model, ids)
+        assert not torch.allclose(whole, ref, **TOL), "write strengths had no effect"
+        set_memory_carry(model, True)  # streaming with write strengths equals one call
+        assert_close(torch.cat([logits(model, ids[:, :16]), logits(model, ids[:, 16:])], dim=1), whole, **TOL)
+        keys = set(model.sharded_state_dict())
+        assert any(k.endswith("core_attention.write_weight") for k in keys)
+
+    model = build(memory_write_gate="hard")  # a token pushed below 0 is not stored at all
+    with torch.no_grad():
+        for core in infini_cores(model):
+            core.write_bias.fill_(-1.0)
+    set_memory_carry(model, True)
+    reset_memory(model)
+    logits(model, ids)
+    assert all(float(core.memory[0].abs().max()) == 0.0 and float(core.memory[1].abs().max()) == 0.0
+               for core in infini_cores(model))
+    return True
+
+
+def test_write_gate_layer_starts_as_the_paper_and_streams():
+    from _dist import run_distributed
+
+    assert run_distributed(_check_write_gate, 1) == [True]
+
+
+@pytest.mark.slow
+def test_recipe_retrieves_beyond_its_training_length(tmp_path):
+    """The full recipe (tools/passkey_tiny.sh, ~6 min on an idle core): at 4T the key is
+    retrieved with memory, far above chance, and not without (RECIPE_4T_THRESHOLD)."""
+    run = tmp_path / "pk"
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", os.path.join(REPO, "tools", "passkey_tiny.sh"), str(run)], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    out = tmp_path / "pk.json"
+    run_cli("eval", "passkey", "--checkpoint", str(run), "--lengths", "4T", "--depths", "0,0.25,0.5,0.75,1",
+            "--samples", "10", "--seed", "3", "--no-memory", "--json", str(out), timeout=900)
+    res = json.loads(out.read_text())["results"]
+    on, off = (sum(c["accuracy"] for c in res[m]["cells"]) / len(res[m]["cells"]) for m in ("on", "off"))
+    assert on >= RECIPE_4T_THRESHOLD and off <= 0.1, (on, off)
