@@ -21,7 +21,6 @@ import argparse
 import json
 import random
 import sys
-import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -102,28 +101,16 @@ def run_needle(model, tokenizer, lengths: Sequence[int], depths: Sequence[float]
                key_digits: Optional[int] = None, needles: int = 1, intro: bool = True, chunk_segments: int = 16,
                batch_size: int = 16, memory: bool = True, haystack: Optional[str] = None, log=print) -> Dict[str, dict]:
     """{"table": {"{length}": {"{depth}": accuracy}}, "cells": [...]}, as `passkey.run_passkey`."""
-    from .passkey import score_samples, size_label
+    from .passkey import score_grid
 
     builder = NeedleBuilder(tokenizer, haystack_ids(tokenizer, haystack), needles, intro)
-    table: Dict[str, Dict[str, float]] = {}
-    cells = []
-    for length in lengths:
-        row = table.setdefault(size_label(length), {})
-        for depth in depths:
-            rng = random.Random(f"{seed}-{length}-{depth}-needle")
-            group = [builder.build(length, depth, rng, key_digits) for _ in range(samples)]
-            t0 = time.perf_counter()
-            preds = score_samples(model, tokenizer, group, chunk_segments, batch_size, memory)
-            correct = [p == s.key for p, s in zip(preds, group)]
-            acc = sum(correct) / len(correct)
-            row[f"{depth:g}"] = acc
-            cells.append({"length": length, "depth": depth, "accuracy": acc, "samples": len(group),
-                          "keys": [s.key for s in group], "answers": preds,
-                          "seconds": round(time.perf_counter() - t0, 2)})
-            if log:
-                log(f"[needle] memory={'on' if memory else 'off'} length={size_label(length)} depth={depth:g}: "
-                    f"{acc:.0%} ({sum(correct)}/{len(correct)}) in {cells[-1]['seconds']} s")
-    return {"table": table, "cells": cells}
+
+    def make_group(length, depth):
+        rng = random.Random(f"{seed}-{length}-{depth}-needle")
+        return [builder.build(length, depth, rng, key_digits) for _ in range(samples)]
+
+    return score_grid(model, tokenizer, lengths, depths, make_group, chunk_segments, batch_size, memory, log,
+                      tag="needle")
 
 
 def main(argv=None) -> int:

@@ -81,12 +81,22 @@ def run_passkey(model, tokenizer, lengths: Sequence[int], depths: Sequence[float
                 batch_size: int = 16, memory: bool = True, log=print, intro: bool = True) -> Dict[str, dict]:
     """{"{length}": {"{depth}": accuracy}} plus per-cell details under "cells"."""
     builder = PasskeyBuilder(tokenizer, intro=intro)
+    return score_grid(model, tokenizer, lengths, depths,
+                      lambda length, depth: make_samples(builder, length, depth, samples, seed, key_digits),
+                      chunk_segments, batch_size, memory, log, tag="passkey")
+
+
+def score_grid(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], make_group,
+               chunk_segments: int, batch_size: int, memory: bool, log, tag: str) -> Dict[str, dict]:
+    """Accuracy per (length, depth) cell of the samples `make_group(length, depth)` gives:
+    {"table": {"{length}": {"{depth}": accuracy}}, "cells": [...]}; the grid of `eval passkey`
+    and `eval needle`."""
     table: Dict[str, Dict[str, float]] = {}
     cells = []
     for length in lengths:
         row = table.setdefault(size_label(length), {})
         for depth in depths:
-            group = make_samples(builder, length, depth, samples, seed, key_digits)
+            group = make_group(length, depth)
             t0 = time.perf_counter()
             preds = score_samples(model, tokenizer, group, chunk_segments, batch_size, memory)
             correct = [p == s.key for p, s in zip(preds, group)]
@@ -96,7 +106,7 @@ def run_passkey(model, tokenizer, lengths: Sequence[int], depths: Sequence[float
                           "keys": [s.key for s in group], "answers": preds,
                           "seconds": round(time.perf_counter() - t0, 2)})
             if log:
-                log(f"[passkey] memory={'on' if memory else 'off'} length={size_label(length)} depth={depth:g}: "
+                log(f"[{tag}] memory={'on' if memory else 'off'} length={size_label(length)} depth={depth:g}: "
                     f"{acc:.0%} ({sum(correct)}/{len(correct)}) in {cells[-1]['seconds']} s")
     return {"table": table, "cells": cells}
 
