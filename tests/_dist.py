@@ -117,6 +117,22 @@ def gather_full(t, p):
     return torch.cat([chunks[r][j] for j in range(stride) for r in range(tp)], dim=dim)
 
 
+def full_logits(model, ids):
+    """Full-vocabulary logits [b, s, V] of a GPTModel (gathered across tensor-parallel ranks)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    pos = torch.arange(ids.shape[1]).expand_as(ids)
+    with torch.no_grad():
+        out = model(ids, pos, None)  # [b, s, V / tp]
+    tp = ps.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return out
+    parts = [torch.empty_like(out) for _ in range(tp)]
+    dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=-1)
+
+
 #: Tolerance of the distributed equivalence tests (float32, reductions in different orders).
 TOL = dict(rtol=1e-4, atol=1e-5)
 

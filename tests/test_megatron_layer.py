@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from _dist import TOL, assert_same, gather_full, reinit_model_parallel, run_distributed
+from _dist import full_logits as logits
 from torch.testing import assert_close
 
 TINY = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
@@ -60,19 +61,6 @@ def data(seed=1):
     return ids, torch.roll(ids, -1, dims=1)
 
 
-def logits(model, ids):
-    """Full-vocabulary logits [b, s, V] (gathered across tensor-parallel ranks)."""
-    from megatron.core import parallel_state as ps
-
-    pos = torch.arange(ids.shape[1]).expand_as(ids)
-    with torch.no_grad():
-        out = model(ids, pos, None)  # [b, s, V / tp]
-    tp, _ = _tp()
-    if tp == 1:
-        return out
-    parts = [torch.empty_like(out) for _ in range(tp)]
-    dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=-1)
 
 
 def step(model, ids, labels):
