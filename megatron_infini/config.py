@@ -62,9 +62,21 @@ class InfiniTransformerConfig(TransformerConfig):
     gives the paper's output. Near 0 a "hard" gate starts close to skipping, so tokens the loss
     does not need drop out of the memory early."""
 
+    memory_write_l1: float = 0.0
+    """lambda >= 0: with `memory_write_gate`, the training loss gains lambda * (mean write
+    strength over tokens and key/value heads of each memory layer, summed over layers): a
+    sparsity penalty that drives the strengths of tokens the loss does not need to exactly 0
+    ("hard"), so a head that stores a fact stores nothing else (docs/generalisation.md)."""
+
     memory_enabled: bool = True
     """False turns the memory off (ablation): attention is causal softmax attention within each
     segment only, and the layers hold no gate parameter."""
+
+    memory_layers: Optional[tuple] = None
+    """Layer numbers (1-based, as Megatron's `layer_number`) whose attention keeps a memory;
+    the others are segment-local attention only, with no gate. None: every layer (the paper).
+    docs/generalisation.md: a tiny passkey model generalised past its training length more
+    reliably with the memory in its top layer only."""
 
     memory_type: str = "infini"
     """Memory of every attention layer: "infini" (compressive memory M, z of fixed size),
@@ -92,6 +104,10 @@ class InfiniTransformerConfig(TransformerConfig):
     attention_dropout: float = 0.0
     """Overrides Megatron's default 0.1: the fused op has no dropout on attention
     probabilities, so this must be 0.0."""
+
+    def layer_has_memory(self, layer_number: int) -> bool:
+        """Whether attention layer `layer_number` (1-based) keeps a memory."""
+        return self.memory_enabled and (self.memory_layers is None or layer_number in self.memory_layers)
 
     def __post_init__(self) -> None:
         self._validate_infini_fields()
@@ -130,8 +146,23 @@ class InfiniTransformerConfig(TransformerConfig):
         if self.memory_write_gate != "none" and self.context_parallel_size > 1:
             raise ValueError("memory_write_gate is not supported with context_parallel_size > 1 (the memory relay "
                              "sends unweighted deltas); use context_parallel_size 1")
+        lam = self.memory_write_l1
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+            raise ValueError(f"memory_write_l1 must be a finite number >= 0, got {lam!r}")
+        if lam and self.memory_write_gate == "none":
+            raise ValueError("memory_write_l1 > 0 needs learned write strengths: set memory_write_gate to 'hard' "
+                             "or 'sigmoid'")
         if not isinstance(self.memory_enabled, bool):
             raise ValueError(f"memory_enabled must be True or False, got {self.memory_enabled!r}")
+        if self.memory_layers is not None:
+            layers = self.memory_layers
+            if (isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__")
+                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)
+                    or not layers or len(set(layers)) != len(layers)
+                    or not all(1 <= x <= self.num_layers for x in layers)):
+                raise ValueError(f"memory_layers must be None or distinct layer numbers in 1..num_layers "
+                                 f"({self.num_layers}), got {layers!r}")
+            self.memory_layers = tuple(sorted(layers))
         if self.attention_dropout != 0.0:
             raise ValueError(
                 f"attention_dropout must be 0.0 for Infini-attention (the op has no attention "
@@ -184,6 +215,7 @@ class InfiniTransformerConfig(TransformerConfig):
             "recompute_granularity='full'": self.recompute_granularity == "full",
             "rotary_interleaved=True": self.rotary_interleaved,
             f"memory_write_gate={self.memory_write_gate!r}": self.memory_write_gate != "none",
+            "memory_layers": self.memory_layers is not None,
         }
         bad = [name for name, on in unsupported.items() if on]
         if bad:

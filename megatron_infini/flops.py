@@ -5,6 +5,8 @@ unmasked half of the score matrix.
 
 from __future__ import annotations
 
+from typing import Optional
+
 
 def causal_attention_flops(s: int, b: int, hq: int, dk: int, dv: int, segment_length: int = 0) -> float:
     """Forward FLOPs of causal softmax attention, within segments of `segment_length` (0: whole s)."""
@@ -34,18 +36,20 @@ def gpt_model_flops_per_step(
     *, num_layers: int, hidden_size: int, ffn_hidden_size: int, num_attention_heads: int,
     num_query_groups: int, vocab_size: int, seq_length: int, batch: int, segment_length: int,
     update: str = "linear", gated_mlp: bool = True, memory_enabled: bool = True,
+    memory_layers: Optional[int] = None,
 ) -> float:
     """Model FLOPs of one training step (forward + backward, no recomputation) of the
-    Infini-attention GPT model over `batch` sequences of `seq_length` tokens."""
+    Infini-attention GPT model over `batch` sequences of `seq_length` tokens; `memory_layers`:
+    how many layers keep a memory (default: all of them when `memory_enabled`)."""
     s, b, h = seq_length, batch, hidden_size
     d = h // num_attention_heads
     tokens = s * b
     qkv = 2.0 * tokens * h * (num_attention_heads + 2 * num_query_groups) * d
     proj = 2.0 * tokens * num_attention_heads * d * h
     mlp = 2.0 * tokens * h * ffn_hidden_size * (3 if gated_mlp else 2)
-    if memory_enabled:
-        attn = infini_attention_flops(s, b, num_attention_heads, num_query_groups, d, d, segment_length, update)
-    else:
-        attn = causal_attention_flops(s, b, num_attention_heads, d, d, segment_length)
+    n_mem = (num_layers if memory_layers is None else memory_layers) if memory_enabled else 0
+    local = causal_attention_flops(s, b, num_attention_heads, d, d, segment_length)
+    infini = infini_attention_flops(s, b, num_attention_heads, num_query_groups, d, d, segment_length, update)
+    attn = n_mem * infini + (num_layers - n_mem) * local
     logits = 2.0 * tokens * h * vocab_size
-    return 3.0 * (num_layers * (qkv + proj + mlp + attn) + logits)
+    return 3.0 * (num_layers * (qkv + proj + mlp) + attn + logits)

@@ -165,10 +165,112 @@ def _check_write_gate(rank, world_size):
     return True
 
 
+def _check_memory_layers(rank, world_size):
+    import torch
+    from _dist import TOL
+    from test_megatron_layer import build, data, logits
+    from torch.testing import assert_close
+
+    from megatron_infini.streaming import infini_cores, set_memory_carry
+
+    ids, _ = data()
+    model = build(memory_layers=(2,), memory_write_gate="hard", memory_write_init=0.1)
+    cores = list(infini_cores(model))
+    assert cores[0].gate is None and cores[0].write_weight is None  # layer 1: local attention only
+    assert cores[1].gate is not None and cores[1].write_weight is not None
+    # Reference: the paper's model (same seed, same weights) with layer 1's memory gated out exactly
+    ref_model = build()
+    with torch.no_grad():
+        next(iter(infini_cores(ref_model))).gate.fill_(-200.0)  # sigmoid = 0: A = A_local
+    ref = logits(ref_model, ids)
+    assert_close(logits(model, ids), ref, **TOL)
+    assert not torch.allclose(logits(build(), ids), ref, **TOL), "layer 1's memory had no effect"
+    set_memory_carry(model, True)  # streaming: only layer 2 carries a memory
+    assert_close(torch.cat([logits(model, ids[:, :16]), logits(model, ids[:, 16:])], dim=1), ref, **TOL)
+    assert cores[0].memory is None and cores[1].memory is not None
+    # Megatron's dist_checkpointing round trip: the gate exists in layer 2 only (stacked over
+    # the memory layers, not over all layers)
+    import tempfile
+
+    from megatron.core import dist_checkpointing
+
+    with tempfile.TemporaryDirectory() as d:
+        dist_checkpointing.save(model.sharded_state_dict(), d)
+        other = build(seed=5, memory_layers=(2,), memory_write_gate="hard", memory_write_init=0.1)
+        with torch.no_grad():
+            list(infini_cores(other))[1].gate.fill_(3.0)
+        other.load_state_dict(dist_checkpointing.load(other.sharded_state_dict(), d))
+    for (name, p), (name2, p2) in zip(model.state_dict().items(), other.state_dict().items()):
+        if p is not None and torch.is_tensor(p):
+            assert name == name2 and torch.equal(p, p2), name
+    for bad in ((3,), (), (2, 2), (0,), "2"):
+        with pytest.raises(ValueError, match="memory_layers"):
+            build(memory_layers=bad)
+    return True
+
+
+def _check_write_penalty(rank, world_size):
+    import torch
+    from test_megatron_layer import build, data
+
+    from megatron_infini.layers.attention import write_penalty
+    from megatron_infini.streaming import infini_cores
+
+    ids, _ = data()
+    pos = torch.arange(ids.shape[1]).expand_as(ids)
+    lam, w0 = 0.05, 0.2
+    for layers in (None, (2,)):
+        model = build(memory_write_gate="hard", memory_write_init=w0, memory_write_l1=lam, memory_layers=layers)
+        model.train()
+        model(ids, pos, None)
+        pen = write_penalty(model)
+        n = 2 if layers is None else 1
+        assert abs(pen.item() - lam * w0 * n) < 1e-6, pen  # u = 0: every strength is w0
+        assert write_penalty(model) is None  # cleared on read: never added twice
+        pen.backward()
+        for core in infini_cores(model):
+            if core.write_bias is not None:  # d mean(w) / d c_g = 1 / groups (no token clamped)
+                torch.testing.assert_close(core.write_bias.grad, torch.full_like(core.write_bias, lam / 2))
+        with torch.no_grad():  # every strength clamped to exactly 0: no penalty left, no gradient
+            for core in infini_cores(model):
+                if core.write_bias is not None:
+                    core.write_bias.fill_(-1.0)
+                    core.write_bias.grad = None
+        model(ids, pos, None)
+        pen = write_penalty(model)
+        assert pen.item() == 0.0
+        pen.backward()
+        assert all(c.write_bias.grad is None or not c.write_bias.grad.any() for c in infini_cores(model)
+                   if c.write_bias is not None)
+        model.eval()
+        with torch.no_grad():
+            model(ids, pos, None)
+        assert write_penalty(model) is None  # training only
+    for bad, msg in (({"memory_write_l1": 0.1}, "needs learned write strengths"),
+                     ({"memory_write_gate": "hard", "memory_write_l1": -1.0}, "finite number >= 0")):
+        with pytest.raises(ValueError, match=msg):
+            build(**bad)
+    return True
+
+
+def test_write_penalty_is_the_mean_strength_and_stops_at_zero():
+    """model.memory_write_l1: lambda * mean write strength per memory layer, in training only."""
+    from _dist import run_distributed
+
+    assert run_distributed(_check_write_penalty, 1) == [True]
+
+
 def test_write_gate_layer_starts_as_the_paper_and_streams():
     from _dist import run_distributed
 
     assert run_distributed(_check_write_gate, 1) == [True]
+
+
+def test_memory_in_chosen_layers_only():
+    """model.memory_layers: the other layers are the paper's layer with its memory gated out."""
+    from _dist import run_distributed
+
+    assert run_distributed(_check_memory_layers, 1) == [True]
 
 
 @pytest.mark.slow

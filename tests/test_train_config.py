@@ -64,6 +64,11 @@ def test_overrides_are_typed():
         (["parallel.sequence_parallel=true"], "needs parallel.tensor_model_parallel_size > 1"),
         (["train.seq_length=100"], "must be a multiple of model.segment_length"),
         (["optimizer.min_lr=1"], "must not exceed optimizer.lr"),
+        (["model.memory_layers=[3]"], "model.memory_layers must be null or a list of distinct layer numbers"),
+        (["model.memory_layers=[1,1]"], "model.memory_layers must be null or a list of distinct layer numbers"),
+        (["model.memory_type=xl", "model.memory_layers=[2]"], "model.memory_layers is not supported"),
+        (["model.memory_write_l1=0.1"], "model.memory_write_l1 needs learned write strengths"),
+        (["model.memory_write_gate=hard", "model.memory_write_l1=-1"], "model.memory_write_l1 must be >= 0"),
         (["train"], "must look like section.key=value"),
         (["train=3"], "train must be a mapping"),
     ],
@@ -130,3 +135,15 @@ def test_param_groups_give_gates_their_own_lr_and_no_decay():
     assert groups["no_decay"]["weight_decay"] == 0.0
     # every trainable parameter in exactly one group, the frozen one in none
     assert sum(len(s) for s in ids.values()) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_flops_count_memory_only_in_memory_layers():
+    """model.memory_layers: the memory's FLOPs are counted once per layer that has one."""
+    from megatron_infini.flops import gpt_model_flops_per_step
+
+    shape = dict(num_layers=4, hidden_size=128, ffn_hidden_size=512, num_attention_heads=4, num_query_groups=2,
+                 vocab_size=1000, seq_length=256, batch=2, segment_length=32)
+    full, off = gpt_model_flops_per_step(**shape), gpt_model_flops_per_step(**shape, memory_enabled=False)
+    assert full > off
+    for k in range(5):
+        assert gpt_model_flops_per_step(**shape, memory_layers=k) == pytest.approx(off + k / 4 * (full - off))

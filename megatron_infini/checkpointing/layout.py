@@ -32,6 +32,7 @@ def model_signature(model) -> Dict[str, object]:
         "untie_embeddings": not getattr(model, "share_embeddings_and_output_weights", False),
         "memory_enabled": bool(getattr(c, "memory_enabled", True)),
         "memory_update": getattr(c, "memory_update", None),
+        "memory_layers": list(getattr(c, "memory_layers", None) or []) or None,
     }
 
 

@@ -48,7 +48,7 @@ class InfiniCoreAttention(MegatronModule):
     """Core attention (Megatron's `core_attention` slot): the op over this rank's heads.
 
     Holds the per-head gate logits `gate` [np] (a tensor-parallel parameter split along heads;
-    absent when `config.memory_enabled` is False) and, while memory carry is on, the memory
+    absent when `config.memory_enabled` is False or the layer is not in `config.memory_layers`) and, while memory carry is on, the memory
     (M, z) left by the previous forward call (see `megatron_infini.streaming`).
     """
 
@@ -82,7 +82,8 @@ class InfiniCoreAttention(MegatronModule):
         self.num_groups_per_partition = divide(config.num_query_groups, tp)
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
 
-        if config.memory_enabled:
+        has_memory = config.layer_has_memory(layer_number)
+        if has_memory:
             self.gate = torch.nn.Parameter(
                 torch.full((self.num_heads_per_partition,), float(config.gate_init),
                            dtype=config.params_dtype, device=param_device(config))
@@ -93,7 +94,7 @@ class InfiniCoreAttention(MegatronModule):
             self.gate = None
         self.write_weight = self.write_bias = None
         self.write_gate = getattr(config, "memory_write_gate", "none")
-        if config.memory_enabled and self.write_gate != "none":
+        if has_memory and self.write_gate != "none":
             # write strength f(u . k + c) per key/value group; u = 0: a constant, which gives the paper's output
             dev, ng = param_device(config), self.num_groups_per_partition
             self.write_weight = torch.nn.Parameter(
@@ -103,13 +104,14 @@ class InfiniCoreAttention(MegatronModule):
             self.write_bias = torch.nn.Parameter(torch.full((ng,), c0, dtype=config.params_dtype, device=dev))  # [ng]
             for p in (self.write_weight, self.write_bias):
                 set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0, stride=1)
+        self.write_penalty: Optional[torch.Tensor] = None  # memory_write_l1 term of the last training forward
         self.carry_memory = False
         self.memory: Optional[Memory] = None
         self.last_memory_stats: Optional[torch.Tensor] = None  # set by forwards in training mode (metrics)
         # Context parallelism: this rank holds a contiguous block of whole segments and gets
         # its initial memory from the ranks before it (megatron_infini.parallel).
         self.cp_relay = None
-        if self.cp_size > 1 and config.memory_enabled:
+        if self.cp_size > 1 and has_memory:
             from megatron_infini.parallel.context_parallel import MemoryRelay
 
             self.cp_relay = MemoryRelay(self.cp_group, tag=layer_number)
@@ -153,6 +155,9 @@ class InfiniCoreAttention(MegatronModule):
                       checkpoint_segments=cfg.checkpoint_segments)
             if self.write_weight is not None:
                 op["write"] = self.write_strength(key)  # [s, b, ng]
+                lam = getattr(cfg, "memory_write_l1", 0.0)
+                if self.training and lam:  # this rank's heads: the TP ranks' terms sum to the global mean
+                    self.write_penalty = op["write"].mean() * (lam / get_pg_size(self.tp_group))
             if self.cp_relay is not None:  # initial memory from the context-parallel ranks before this one
                 out, memory = self.cp_relay.attention(query, key, value, self.gate, **op)
             else:
@@ -191,6 +196,13 @@ class InfiniCoreAttention(MegatronModule):
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata: Optional[dict] = None):
         """The gate is split along heads (axis 0) across tensor-parallel ranks."""
         metadata = ensure_metadata_has_dp_cp_group(metadata)
+        layers = getattr(self.config, "memory_layers", None)
+        if layers is not None and sharded_offsets and self.gate is not None:
+            # Megatron's TransformerBlock stacks each parameter over all layers along a prepended
+            # axis (offset layer - 1 of num_layers); the gate and write parameters exist only in
+            # the memory layers, so they are stacked over those: offset = rank among them.
+            axis, _, _ = sharded_offsets[0]
+            sharded_offsets = ((axis, layers.index(self.layer_number), len(layers)), *sharded_offsets[1:])
         state_dict = self.state_dict(prefix="", keep_vars=True)
         return make_sharded_tensors_for_checkpoint(
             state_dict, prefix, {"gate": 0, "write_weight": 0, "write_bias": 0}, sharded_offsets,
@@ -288,3 +300,14 @@ class InfiniSelfAttention(SelfAttention):
             attention_bias=attention_bias, packed_seq_params=None, q_local=q_local, k_local=k_local,
         )  # [s, b, np * hn]
         return self.linear_proj(core)
+
+
+def write_penalty(model: torch.nn.Module) -> Optional[torch.Tensor]:
+    """Sum over memory layers of this rank's `memory_write_l1` penalty of the last training
+    forward (with graph; add it to the loss before backward), or None. Cleared on read."""
+    terms = []
+    for m in model.modules():
+        if isinstance(m, InfiniCoreAttention) and m.write_penalty is not None:
+            terms.append(m.write_penalty)
+            m.write_penalty = None
+    return torch.stack(terms).sum() if terms else None

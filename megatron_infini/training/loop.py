@@ -23,6 +23,7 @@ from megatron_infini.data.dataset import PackedDocumentDataset, check_vocab
 from megatron_infini.data.preprocess import check_tokenizer, read_metadata
 from megatron_infini.data.tokenizer import Tokenizer
 from megatron_infini.flops import gpt_model_flops_per_step
+from megatron_infini.layers.attention import write_penalty
 from megatron_infini.layers.compressive import reconstruction_loss, reconstruction_stats
 
 from . import exit_codes
@@ -124,7 +125,7 @@ class Trainer:
             num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups or m.num_attention_heads,
             vocab_size=self.vocab_size, seq_length=cfg.train.seq_length, batch=cfg.train.global_batch_size,
             segment_length=m.segment_length, update=m.memory_update, gated_mlp=m.activation == "swiglu",
-            memory_enabled=m.memory_enabled,
+            memory_enabled=m.memory_enabled, memory_layers=None if m.memory_layers is None else len(m.memory_layers),
         )
 
     # ----------------------------------------------------------------- state
@@ -211,8 +212,9 @@ class Trainer:
                 losses = []
                 for _ in range(self.grad_acc):
                     loss = self.forward_loss(next(batches), next(weights) if weights is not None else None)
-                    aux = reconstruction_loss(self.model)  # memory_type=compressive: trains the compressors only
-                    self.engine.backward(loss if aux is None else loss + aux)
+                    aux = [t for t in (reconstruction_loss(self.model),  # compressive: trains the compressors only
+                                       write_penalty(self.model)) if t is not None]  # model.memory_write_l1
+                    self.engine.backward(loss + sum(aux) if aux else loss)
                     self.engine.step()
                     losses.append(loss.detach())
                 self.step += 1

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 from .config_checks import ConfigError, _at_least, _one_of
 
@@ -30,6 +30,9 @@ class ModelConfig:
     """Memory update rule: linear | delta."""
     memory_enabled: bool = True
     """False: plain segment-local attention, no memory (the ablation)."""
+    memory_layers: Optional[List[int]] = None
+    """Layers (1-based) whose attention keeps a memory; the others attend within their segment
+    only. null: every layer (the paper). See docs/generalisation.md."""
     memory_type: str = "infini"
     """infini | compressive (Compressive Transformer) | xl (Transformer-XL); see docs/memories.md."""
     xl_memory_length: Optional[int] = None
@@ -46,6 +49,9 @@ class ModelConfig:
     the paper's layer (docs/generalisation.md)."""
     memory_write_init: float = 0.5
     """Initial write strength with memory_write_gate, in (0, 1) (any constant: the paper's output)."""
+    memory_write_l1: float = 0.0
+    """Weight of an L1 penalty on the write strengths (mean over tokens and heads, summed over
+    memory layers) added to the training loss; needs memory_write_gate (docs/generalisation.md)."""
     gate_init: float = 0.0
     """Initial gate logit beta (sigmoid(0) = 0.5 mixes memory and local attention evenly)."""
     checkpoint_segments: int = 0
@@ -86,6 +92,16 @@ class ModelConfig:
         if self.memory_type != "infini":
             self._validate_past_memory(prefix)  # (InfiniTransformerConfig checks them again)
         _one_of(f"{prefix}.memory_write_gate", self.memory_write_gate, ("none", "hard", "sigmoid"))
+        _at_least(f"{prefix}.memory_write_l1", self.memory_write_l1, 0)
+        if self.memory_write_l1 and self.memory_write_gate == "none":
+            raise ConfigError(f"{prefix}.memory_write_l1 needs learned write strengths: set {prefix}.memory_write_gate "
+                              "to hard or sigmoid")
+        layers = self.memory_layers
+        if layers is not None and (not isinstance(layers, (list, tuple)) or not layers
+                                   or any(isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= self.num_layers
+                                          for x in layers) or len(set(layers)) != len(layers)):
+            raise ConfigError(f"{prefix}.memory_layers must be null or a list of distinct layer numbers in "
+                              f"1..{prefix}.num_layers ({self.num_layers}), e.g. [{self.num_layers}], got {layers!r}")
         _one_of(f"{prefix}.normalization", self.normalization, ("RMSNorm", "LayerNorm"))
         _one_of(f"{prefix}.activation", self.activation, ("swiglu", "gelu"))
         _at_least(f"{prefix}.checkpoint_segments", self.checkpoint_segments, 0)
@@ -125,7 +141,8 @@ class ModelConfig:
                 raise ConfigError(f"{prefix}.xl_memory_length ({n_m}) and {prefix}.segment_length "
                                   f"({self.segment_length}) must be multiples of {prefix}.compression_rate ({c})")
         _at_least(f"{prefix}.reconstruction_loss_weight", self.reconstruction_loss_weight, 0)
-        for key, bad in dict(memory_enabled=not self.memory_enabled, checkpoint_segments=self.checkpoint_segments,
+        for key, bad in dict(memory_enabled=not self.memory_enabled, memory_layers=self.memory_layers is not None,
+                             checkpoint_segments=self.checkpoint_segments,
                              recompute_layers=self.recompute_layers).items():
             if bad:
                 raise ConfigError(f"{prefix}.{key} is not supported with {prefix}.memory_type={t!r}; leave the default")
