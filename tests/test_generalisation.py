@@ -260,6 +260,19 @@ def test_write_penalty_is_the_mean_strength_and_stops_at_zero():
     assert run_distributed(_check_write_penalty, 1) == [True]
 
 
+def test_trainer_adds_the_write_penalty_from_its_start_step(tmp_path):
+    """memory_write_l1_start: the trainer adds the penalty from that step on. A large penalty
+    from step 1 (the second update) leaves steps 1-2 as without it and changes step 3."""
+    from train_utils import train
+
+    base = ["train.steps=3", "model.memory_write_gate=hard", "model.memory_write_l1=10"]
+    late = train(tmp_path / "late", *base, "model.memory_write_l1_start=100", nproc=0)
+    early = train(tmp_path / "early", *base, "model.memory_write_l1_start=1", nproc=0)
+    assert late.returncode == 0 and early.returncode == 0, (late.output[-2000:], early.output[-2000:])
+    assert early.losses[:2] == late.losses[:2]
+    assert early.losses[2] != late.losses[2]
+
+
 def test_write_gate_layer_starts_as_the_paper_and_streams():
     from _dist import run_distributed
 

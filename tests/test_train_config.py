@@ -69,6 +69,7 @@ def test_overrides_are_typed():
         (["model.memory_type=xl", "model.memory_layers=[2]"], "model.memory_layers is not supported"),
         (["model.memory_write_l1=0.1"], "model.memory_write_l1 needs learned write strengths"),
         (["model.memory_write_gate=hard", "model.memory_write_l1=-1"], "model.memory_write_l1 must be >= 0"),
+        (["model.memory_write_l1_start=-1"], "model.memory_write_l1_start must be >= 0"),
         (["train"], "must look like section.key=value"),
         (["train=3"], "train must be a mapping"),
     ],

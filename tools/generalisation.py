@@ -27,7 +27,7 @@ CONFIG = os.path.join(REPO, "configs", "passkey_tiny.yaml")
 T = 128
 
 #: name -> (data options, trainer overrides on top of configs/passkey_tiny.yaml with the paper's
-#: layer, model.memory_write_gate=none). Data: min_length (None: every document T long),
+#: layer: model.memory_write_gate=none, memory_write_init=0.5, memory_layers=null). Data: min_length (None: every document T long),
 #: answer_weight (0: plain LM loss on everything).
 VARIANTS = {
     "paper": (dict(min_length=None, answer_weight=0), []),
@@ -45,30 +45,19 @@ VARIANTS = {
                                     ["model.memory_write_gate=hard", "model.memory_write_init=0.1"]),
     "mixed-weighted-hard-delta": (dict(min_length=48, answer_weight=20),
                                   ["model.memory_write_gate=hard", "model.memory_update=delta"]),
-    "mixed-weighted-hard-init0.1-top": (dict(min_length=48, answer_weight=20),
-                                        ["model.memory_write_gate=hard", "model.memory_write_init=0.1",
-                                         "model.memory_layers=[2]"]),
-    "mixed-weighted-hard-top": (dict(min_length=48, answer_weight=20),
-                                ["model.memory_write_gate=hard", "model.memory_layers=[2]"]),
-    "mixed-weighted-top": (dict(min_length=48, answer_weight=20), ["model.memory_layers=[2]"]),
-    "short-weighted-hard-top": (dict(min_length=40, answer_weight=20),
-                                ["model.memory_write_gate=hard", "model.memory_layers=[2]"]),
-    "mixed-weighted-hard-top-gate1": (dict(min_length=48, answer_weight=20),
-                                      ["model.memory_write_gate=hard", "model.memory_layers=[2]", "model.gate_init=1.0"]),
-    "mixed-weighted-hard-top-lr5": (dict(min_length=48, answer_weight=20),
-                                    ["model.memory_write_gate=hard", "model.memory_layers=[2]", "optimizer.lr=5.0e-3"]),
-    "mixed-weighted-hard-init0.1-top-lr5": (dict(min_length=48, answer_weight=20),
-                                            ["model.memory_write_gate=hard", "model.memory_write_init=0.1",
-                                             "model.memory_layers=[2]", "optimizer.lr=5.0e-3"]),
-    "mixed-weighted-hard-l1-0.05": (dict(min_length=48, answer_weight=20),
-                                    ["model.memory_write_gate=hard", "model.memory_write_l1=0.05"]),
-    "mixed-weighted-hard-top-l1-0.05": (dict(min_length=48, answer_weight=20),
-                                        ["model.memory_write_gate=hard", "model.memory_layers=[2]",
-                                         "model.memory_write_l1=0.05"]),
-    "mixed-weighted-hard-top-l1-0.01": (dict(min_length=48, answer_weight=20),
-                                        ["model.memory_write_gate=hard", "model.memory_layers=[2]",
-                                         "model.memory_write_l1=0.01"]),
 }
+
+#: Round 2, on top of the recipe (mixed-weighted-hard-init0.1): memory in the top layer only,
+#: gate init, learning rate, the L1 penalty on the write strengths.
+_MW, _RECIPE = dict(min_length=48, answer_weight=20), ["model.memory_write_gate=hard", "model.memory_write_init=0.1"]
+for _name, _extra in {"top": ["model.memory_layers=[2]"],
+                      "top-gate1": ["model.memory_layers=[2]", "model.gate_init=1.0"],
+                      "top-lr5": ["model.memory_layers=[2]", "optimizer.lr=5.0e-3"],
+                      "l1-0.05": ["model.memory_write_l1=0.05"],
+                      "top-l1-0.05": ["model.memory_layers=[2]", "model.memory_write_l1=0.05"],
+                      "top-l1-0.01": ["model.memory_layers=[2]", "model.memory_write_l1=0.01"],
+                      "l1-0.05-from1200": ["model.memory_write_l1=0.05", "model.memory_write_l1_start=1200"]}.items():
+    VARIANTS[f"mixed-weighted-hard-init0.1-{_name}"] = (_MW, _RECIPE + _extra)
 
 #: The variants of the table in docs/generalisation.md.
 DOCS_TABLE = ("paper", "mixed-weighted", "mixed-weighted-delta", "mixed-weighted-sigmoid", "mixed-weighted-hard",
@@ -92,6 +81,7 @@ def train(run_dir: str, prefix: str, weights: str, overrides: list, steps: int, 
     cmd = [sys.executable, "-m", "megatron_infini.train", "--config", CONFIG, f"run_dir={run_dir}",
            f"data.train_data={prefix}", f"data.train_loss_weights={weights}", f"train.steps={steps}",
            f"train.seq_length={T}", f"train.seed={seed}", f"data.seed={seed}", "model.memory_write_gate=none",
+           "model.memory_write_init=0.5", "model.memory_layers=null",
            *overrides]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR")}
     env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONWARNINGS="ignore")

@@ -212,8 +212,11 @@ class Trainer:
                 losses = []
                 for _ in range(self.grad_acc):
                     loss = self.forward_loss(next(batches), next(weights) if weights is not None else None)
-                    aux = [t for t in (reconstruction_loss(self.model),  # compressive: trains the compressors only
-                                       write_penalty(self.model)) if t is not None]  # model.memory_write_l1
+                    aux = [reconstruction_loss(self.model)]  # compressive: trains the compressors only
+                    penalty = write_penalty(self.model)  # model.memory_write_l1 (read every step: cleared on read)
+                    if self.step >= cfg.model.memory_write_l1_start:
+                        aux.append(penalty)
+                    aux = [t for t in aux if t is not None]
                     self.engine.backward(loss + sum(aux) if aux else loss)
                     self.engine.step()
                     losses.append(loss.detach())

@@ -52,6 +52,9 @@ class ModelConfig:
     memory_write_l1: float = 0.0
     """Weight of an L1 penalty on the write strengths (mean over tokens and heads, summed over
     memory layers) added to the training loss; needs memory_write_gate (docs/generalisation.md)."""
+    memory_write_l1_start: int = 0
+    """First training step at which memory_write_l1 is added to the loss (0: from the start). The
+    penalty stops a model still on its loss plateau from finding retrieval (docs/generalisation.md)."""
     gate_init: float = 0.0
     """Initial gate logit beta (sigmoid(0) = 0.5 mixes memory and local attention evenly)."""
     checkpoint_segments: int = 0
@@ -93,6 +96,7 @@ class ModelConfig:
             self._validate_past_memory(prefix)  # (InfiniTransformerConfig checks them again)
         _one_of(f"{prefix}.memory_write_gate", self.memory_write_gate, ("none", "hard", "sigmoid"))
         _at_least(f"{prefix}.memory_write_l1", self.memory_write_l1, 0)
+        _at_least(f"{prefix}.memory_write_l1_start", self.memory_write_l1_start, 0)
         if self.memory_write_l1 and self.memory_write_gate == "none":
             raise ConfigError(f"{prefix}.memory_write_l1 needs learned write strengths: set {prefix}.memory_write_gate "
                               "to hard or sigmoid")
