@@ -56,7 +56,9 @@ for _name, _extra in {"top": ["model.memory_layers=[2]"],
                       "l1-0.05": ["model.memory_write_l1=0.05"],
                       "top-l1-0.05": ["model.memory_layers=[2]", "model.memory_write_l1=0.05"],
                       "top-l1-0.01": ["model.memory_layers=[2]", "model.memory_write_l1=0.01"],
-                      "l1-0.05-from1200": ["model.memory_write_l1=0.05", "model.memory_write_l1_start=1200"]}.items():
+                      "l1-0.05-from1200": ["model.memory_write_l1=0.05", "model.memory_write_l1_start=1200"],
+                      "top-l1-0.05-from1200": ["model.memory_layers=[2]", "model.memory_write_l1=0.05",
+                                               "model.memory_write_l1_start=1200"]}.items():
     VARIANTS[f"mixed-weighted-hard-init0.1-{_name}"] = (_MW, _RECIPE + _extra)
 
 #: The variants of the table in docs/generalisation.md.
@@ -125,6 +127,44 @@ def evaluate(run_dir: str, digits: int, eval_seeds: list, samples: int, mults: l
     return out
 
 
+def head_shares(run_dir: str, digits: int, mults: list) -> str:
+    """The needle's share of the retrieval weights per layer and head (mean of 4 prompts at depth
+    0.5) at each length: which heads store only the needle (share 1 at every length) and which
+    mix it with filler (share falling with the length)."""
+    import torch
+
+    from megatron_infini.evaluation.passkey import make_samples
+    from megatron_infini.evaluation.passkey_data import PasskeyBuilder
+    from megatron_infini.evaluation.retrieval_stats import needle_share
+    from megatron_infini.inference.loader import inference_session, load_model_for_inference
+
+    torch.set_num_threads(1)
+    lines = [f"needle share per head (layer 1 heads; layer 2 heads), depth 0.5, {run_dir}"]
+    with inference_session():
+        model, _, tok = load_model_for_inference(run_dir)
+        builder = PasskeyBuilder(tok, intro=False)
+        for m in mults:
+            st = [needle_share(model, s) for s in make_samples(builder, m * T, 0.5, 4, 99, digits)]
+            layers = [[sum(x["share"][l][h] for x in st) / len(st) for h in range(len(st[0]["share"][l]))]
+                      for l in range(len(st[0]["share"]))]
+            lines.append(f"{m:>3}T: " + "; ".join(",".join(f"{v:.3f}" for v in hs) for hs in layers))
+        lines.append("gates (sigmoid): " + "; ".join(",".join(f"{g:.2f}" for g in hs) for hs in st[0]["gate"]))
+    return "\n".join(lines)
+
+
+def plateau_exit(metrics: str, level: float = 0.45, window: int = 50) -> str:
+    """First step at which the mean training loss of the last `window` steps falls below
+    `level` (the plateau, everything but the key predicted, sits at ~0.6), or "not left"."""
+    if not os.path.isfile(metrics):
+        return "?"
+    losses = [json.loads(line) for line in open(metrics) if '"loss"' in line]
+    for i, r in enumerate(losses):
+        last = losses[max(0, i - window + 1):i + 1]
+        if i + 1 >= window and sum(x["loss"] for x in last) / len(last) < level:
+            return str(r["step"])
+    return "not left"
+
+
 def table(out: str) -> str:
     rows = []
     for name in sorted(os.listdir(out)):
@@ -134,8 +174,9 @@ def table(out: str) -> str:
     if not rows:
         return "no results"
     mults = rows[0]["mults"]
-    head = ("| variant | train seed | " + " | ".join(f"{m}T on" for m in mults) + " | "
-            + " | ".join(f"{m}T off" for m in mults) + " | needle share L1/L2 at T -> 16T | gates (sigmoid) | train s |")
+    head = ("| variant | steps | train seed | " + " | ".join(f"{m}T on" for m in mults) + " | "
+            + " | ".join(f"{m}T off" for m in mults)
+            + " | needle share L1/L2 at T -> 16T | gates (sigmoid) | plateau left at | train s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         acc = r["eval"]["accuracy"]
@@ -147,8 +188,9 @@ def table(out: str) -> str:
         share = (" / ".join(f"{x:.2f}" for x in sh[keys[0]]) + " -> "
                  + " / ".join(f"{x:.3f}" for x in sh[keys[min(2, len(keys) - 1)]]))
         gates = "; ".join(",".join(f"{g:.2f}" for g in layer) for layer in r["eval"]["gate"])
-        lines.append(f"| {r['variant']} | {r['seed']} | " + " | ".join(on) + " | " + " | ".join(off)
-                     + f" | {share} | {gates} | {r['train_s']:.0f} |")
+        left = plateau_exit(os.path.join(out, f"{r['variant']}-s{r['seed']}", "metrics.jsonl"))
+        lines.append(f"| {r['variant']} | {r['steps']} | {r['seed']} | " + " | ".join(on) + " | " + " | ".join(off)
+                     + f" | {share} | {gates} | {left} | {r['train_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -163,9 +205,13 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=8, help="prompts per (length, depth) cell and eval seed")
     p.add_argument("--mults", default="1,4,16,64", help="evaluation lengths as multiples of T")
     p.add_argument("--table", action="store_true", help="only print the table of finished runs")
+    p.add_argument("--heads", metavar="RUN_DIR", help="only print the needle share per head of one run")
     args = p.parse_args(argv)
     from megatron_infini.evaluation.recipe import write_recipe
 
+    if args.heads:
+        print(head_shares(args.heads, args.digits, [int(x) for x in args.mults.split(",")]))
+        return 0
     if args.table:
         print(table(args.out))
         return 0
