@@ -27,8 +27,8 @@ CONFIG = os.path.join(REPO, "configs", "passkey_tiny.yaml")
 T = 128
 
 #: name -> (data options, trainer overrides on top of configs/passkey_tiny.yaml with the paper's
-#: layer: model.memory_write_gate=none, memory_write_init=0.5, memory_layers=null). Data: min_length (None: every document T long),
-#: answer_weight (0: plain LM loss on everything).
+#: layer: model.memory_write_gate=none, memory_write_init=0.5, memory_layers=null).
+#: Data: min_length (None: every document T long), answer_weight (0: plain LM loss on everything).
 VARIANTS = {
     "paper": (dict(min_length=None, answer_weight=0), []),
     "delta": (dict(min_length=None, answer_weight=0), ["model.memory_update=delta"]),
@@ -80,6 +80,8 @@ def data_for(out: str, opts: dict, samples: int, digits: int, seed: int) -> tupl
 
 
 def train(run_dir: str, prefix: str, weights: str, overrides: list, steps: int, seed: int) -> float:
+    batch = 16 * 128 // T  # documents per step: the same tokens per step at every training length
+    overrides = [f"train.micro_batch_size={batch}", f"train.global_batch_size={batch}", *overrides]
     cmd = [sys.executable, "-m", "megatron_infini.train", "--config", CONFIG, f"run_dir={run_dir}",
            f"data.train_data={prefix}", f"data.train_loss_weights={weights}", f"train.steps={steps}",
            f"train.seq_length={T}", f"train.seed={seed}", f"data.seed={seed}", "model.memory_write_gate=none",
@@ -195,6 +197,7 @@ def table(out: str) -> str:
 
 
 def main(argv=None) -> int:
+    global T
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/gen")
     p.add_argument("--variants", default=",".join(DOCS_TABLE), help=f"comma-separated of {list(VARIANTS)}")
@@ -204,6 +207,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-seeds", default="1,2")
     p.add_argument("--samples", type=int, default=8, help="prompts per (length, depth) cell and eval seed")
     p.add_argument("--mults", default="1,4,16,64", help="evaluation lengths as multiples of T")
+    p.add_argument("--train-length", type=int, default=T,
+                   help="T: longest training prompt (multiple of 16); 16 * 128 / T documents a step")
     p.add_argument("--table", action="store_true", help="only print the table of finished runs")
     p.add_argument("--heads", metavar="RUN_DIR", help="only print the needle share per head of one run")
     args = p.parse_args(argv)
@@ -215,19 +220,24 @@ def main(argv=None) -> int:
     if args.table:
         print(table(args.out))
         return 0
+    if args.train_length % 16 or not 64 <= args.train_length <= 2048:
+        p.error("--train-length must be a multiple of 16 in 64..2048")
+    T = args.train_length
     mults = [int(x) for x in args.mults.split(",")]
     depths = [0.0, 0.25, 0.5, 0.75, 1.0]
     for name in args.variants.split(","):
         opts, overrides = VARIANTS[name]
         for seed in (int(s) for s in args.seeds.split(",")):
-            run_dir = os.path.join(args.out, f"{name}-s{seed}")
+            label = name if T == 128 else f"{name}-T{T}"
+            run_dir = os.path.join(args.out, f"{label}-s{seed}")
             if os.path.isfile(os.path.join(run_dir, "result.json")):
                 continue
-            prefix, weights = data_for(args.out, opts, args.steps * 16, args.digits, seed)
+            prefix, weights = data_for(args.out, opts, args.steps * (16 * 128 // T), args.digits, seed)
             train_s = train(run_dir, prefix, weights, overrides, args.steps, seed)
             write_recipe(run_dir, T, args.digits, intro=False)  # `eval passkey --checkpoint RUN_DIR` reads it
             ev = evaluate(run_dir, args.digits, [int(s) for s in args.eval_seeds.split(",")], args.samples, mults, depths)
-            res = {"variant": name, "seed": seed, "steps": args.steps, "mults": mults, "train_s": train_s,
+            res = {"variant": label, "train_length": T, "seed": seed, "steps": args.steps, "mults": mults,
+                   "train_s": train_s,
                    "data": opts, "overrides": overrides, "eval": ev}
             json.dump(res, open(os.path.join(run_dir, "result.json"), "w"), indent=1)
             print(table(args.out).splitlines()[-1], flush=True)
