@@ -302,3 +302,38 @@ def test_recipe_retrieves_beyond_its_training_length(tmp_path):
     res = json.loads(out.read_text())["results"]
     on, off = (sum(c["accuracy"] for c in res[m]["cells"]) / len(res[m]["cells"]) for m in ("on", "off"))
     assert on >= RECIPE_4T_THRESHOLD and off <= 0.1, (on, off)
+
+
+def test_generalisation_tool_table_plateau_and_heads(debug_run, tmp_path):
+    """tools/generalisation.py: the plateau column, the table of finished runs, the per-head shares."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    try:
+        import generalisation as g
+    finally:
+        sys.path.pop(0)
+    metrics = tmp_path / "metrics.jsonl"
+    losses = [0.6] * 60 + [0.1] * 60  # last 50 with k of 0.1: mean 0.6 - 0.01 k < 0.45 from k = 16
+    metrics.write_text("".join(json.dumps({"step": i + 1, "loss": x}) + "\n" for i, x in enumerate(losses)))
+    assert g.plateau_exit(str(metrics)) == "76"
+    metrics.write_text("".join(json.dumps({"step": i + 1, "loss": 0.6}) + "\n" for i in range(100)))
+    assert g.plateau_exit(str(metrics)) == "not left"
+    assert g.plateau_exit(str(tmp_path / "missing.jsonl")) == "?"
+    out = tmp_path / "gen"
+    (out / "v-s0").mkdir(parents=True)
+    (out / "v-s0" / "metrics.jsonl").write_text(metrics.read_text())
+    acc = {"on": {"128": [1.0, 0.5], "2048": [0.25]}, "off": {"128": [0.0], "2048": [0.0]}}
+    result = {"variant": "v", "seed": 0, "steps": 100, "mults": [1, 16], "train_s": 12.0,
+              "eval": {"accuracy": acc, "share": {"128": [0.5, 1.0], "2048": [0.05, 1.0]}, "gate": [[0.5], [0.7]]}}
+    (out / "v-s0" / "result.json").write_text(json.dumps(result))
+    row = g.table(str(out)).splitlines()[-1]
+    assert row == "| v | 100 | 0 | 75% | 25% | 0% | 0% | 0.50 / 1.00 -> 0.050 / 1.000 | 0.50; 0.70 | not left | 12 |"
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        text = g.head_shares(debug_run, 2, [1])
+    finally:
+        torch.set_num_threads(threads)  # head_shares sets 1 for itself
+    lines = text.splitlines()
+    assert lines[1].startswith("  1T: ") and len(lines[1].split(";")) == 2  # two layers
+    assert all(0.0 <= float(v) <= 1.0 for layer in lines[1][6:].split(";") for v in layer.split(","))
