@@ -66,7 +66,9 @@ class InfiniTransformerConfig(TransformerConfig):
     """lambda >= 0: with `memory_write_gate`, the training loss gains lambda * (mean write
     strength over tokens and key/value heads of each memory layer, summed over layers): a
     sparsity penalty that drives the strengths of tokens the loss does not need to exactly 0
-    ("hard"), so a head that stores a fact stores nothing else (docs/generalisation.md)."""
+    ("hard"). Measured on a tiny passkey model (docs/generalisation.md): from the first step it
+    empties the memory before retrieval is learned; the trainer's `model.memory_write_l1_start`
+    delays it."""
 
     memory_enabled: bool = True
     """False turns the memory off (ablation): attention is causal softmax attention within each

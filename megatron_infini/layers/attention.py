@@ -48,8 +48,9 @@ class InfiniCoreAttention(MegatronModule):
     """Core attention (Megatron's `core_attention` slot): the op over this rank's heads.
 
     Holds the per-head gate logits `gate` [np] (a tensor-parallel parameter split along heads;
-    absent when `config.memory_enabled` is False or the layer is not in `config.memory_layers`) and, while memory carry is on, the memory
-    (M, z) left by the previous forward call (see `megatron_infini.streaming`).
+    absent when `config.memory_enabled` is False or the layer is not in `config.memory_layers`)
+    and, while memory carry is on, the memory (M, z) left by the previous forward call (see
+    `megatron_infini.streaming`).
     """
 
     def __init__(
