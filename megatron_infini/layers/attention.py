@@ -303,12 +303,19 @@ class InfiniSelfAttention(SelfAttention):
         return self.linear_proj(core)
 
 
+def pop_loss_terms(modules, attr: str) -> Optional[torch.Tensor]:
+    """Sum of the per-layer loss terms `module.<attr>` left by the last training forward (with
+    graph; add it to the loss before backward), or None when no module has one. Cleared on
+    read, so a term is never added twice."""
+    terms = []
+    for m in modules:
+        if getattr(m, attr) is not None:
+            terms.append(getattr(m, attr))
+            setattr(m, attr, None)
+    return torch.stack(terms).sum() if terms else None
+
+
 def write_penalty(model: torch.nn.Module) -> Optional[torch.Tensor]:
     """Sum over memory layers of this rank's `memory_write_l1` penalty of the last training
-    forward (with graph; add it to the loss before backward), or None. Cleared on read."""
-    terms = []
-    for m in model.modules():
-        if isinstance(m, InfiniCoreAttention) and m.write_penalty is not None:
-            terms.append(m.write_penalty)
-            m.write_penalty = None
-    return torch.stack(terms).sum() if terms else None
+    forward (see `pop_loss_terms`)."""
+    return pop_loss_terms((m for m in model.modules() if isinstance(m, InfiniCoreAttention)), "write_penalty")

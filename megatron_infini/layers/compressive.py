@@ -35,6 +35,7 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, mak
 from megatron.core.utils import divide, get_pg_size
 
 from megatron_infini.compat import ensure_cpu_compat, param_device
+from megatron_infini.layers.attention import pop_loss_terms
 from megatron_infini.ops.compressive import (
     compressive_attention,
     empty_compressive_memory,
@@ -241,12 +242,7 @@ def reconstruction_loss(model: torch.nn.Module) -> Optional[torch.Tensor]:
     """Sum over layers of this rank's weighted reconstruction loss of the last training forward
     (with graph; add it to the loss before backward: it reaches only the compressors), or None
     when the model has no compressor. Cleared on read, so a loss is never added twice."""
-    terms = []
-    for core in compressive_cores(model):
-        if core.reconstruction_loss is not None:
-            terms.append(core.reconstruction_loss)
-            core.reconstruction_loss = None
-    return torch.stack(terms).sum() if terms else None
+    return pop_loss_terms(compressive_cores(model), "reconstruction_loss")
 
 
 @torch.no_grad()
