@@ -337,3 +337,15 @@ def test_generalisation_tool_table_plateau_and_heads(debug_run, tmp_path):
     lines = text.splitlines()
     assert lines[1].startswith("  1T: ") and len(lines[1].split(";")) == 2  # two layers
     assert all(0.0 <= float(v) <= 1.0 for layer in lines[1][6:].split(";") for v in layer.split(","))
+
+    try:  # one row per saved checkpoint, oldest first; the newest agrees with `eval passkey` on it
+        rows = g.trajectory(debug_run, 2, [5], 2, [1]).splitlines()[2:]
+    finally:
+        torch.set_num_threads(threads)
+    assert [r.split("|")[1].strip() for r in rows] == ["20", "40"], rows
+    out = tmp_path / "pk.json"
+    run_cli("eval", "passkey", "--checkpoint", os.path.join(debug_run, "checkpoints", "iter_0000040"), "--lengths",
+            "128", "--depths", "0,0.25,0.5,0.75,1", "--samples", "2", "--seed", "5", "--key-digits", "2",
+            "--no-intro", "--json", str(out))
+    cells = json.loads(out.read_text())["results"]["on"]["cells"]
+    assert rows[-1] == f"| 40 | {sum(c['accuracy'] for c in cells) / len(cells):.0%} |"

@@ -4,6 +4,7 @@
     python tools/generalisation.py --out runs/gen --seeds 0          # the docs' table (~15 min a variant)
     python tools/generalisation.py --out runs/gen --variants mixed-weighted-hard-init0.1 --seeds 1
     python tools/generalisation.py --out runs/gen --table          # the markdown table of what ran
+    python tools/generalisation.py --trajectory RUN_DIR --mults 4,16   # retrieval per saved checkpoint
 
 Every variant trains the tiny model of configs/passkey_tiny.yaml with the real trainer (one
 process) on passkey documents of at most T = train.seq_length tokens, then evaluates with
@@ -154,6 +155,34 @@ def head_shares(run_dir: str, digits: int, mults: list) -> str:
     return "\n".join(lines)
 
 
+def trajectory(run_dir: str, digits: int, eval_seeds: list, samples: int, mults: list) -> str:
+    """Retrieval with memory (mean over depths 0..1 and `eval_seeds`) at each multiple of T for
+    every saved checkpoint of one run (train it with checkpoint.save_interval and
+    checkpoint.keep_last=0): whether 16T holds steady once retrieval is learned."""
+    import torch
+
+    from megatron_infini.checkpointing.manager import complete_checkpoints, iter_dir
+    from megatron_infini.evaluation.passkey import run_passkey
+    from megatron_infini.evaluation.recipe import find_recipe
+    from megatron_infini.inference.loader import inference_session, load_model_for_inference
+
+    torch.set_num_threads(1)
+    t = (find_recipe(run_dir) or {}).get("train_length", T)
+    root = os.path.join(run_dir, "checkpoints")
+    lines = [f"| step | " + " | ".join(f"{m}T on" for m in mults) + " |", "|---|" + "---|" * len(mults)]
+    with inference_session():
+        for step in sorted(complete_checkpoints(root)):
+            model, _, tok = load_model_for_inference(iter_dir(root, step))
+            acc = {m: [] for m in mults}
+            for seed in eval_seeds:
+                res = run_passkey(model, tok, [m * t for m in mults], [0.0, 0.25, 0.5, 0.75, 1.0], samples, seed,
+                                  digits, chunk_segments=64, batch_size=32, log=None, intro=False)
+                for m, row in zip(mults, res["table"].values()):
+                    acc[m].append(sum(row.values()) / len(row))
+            lines.append(f"| {step} | " + " | ".join(f"{sum(a) / len(a):.0%}" for a in acc.values()) + " |")
+    return "\n".join(lines)
+
+
 def plateau_exit(metrics: str, level: float = 0.45, window: int = 50) -> str:
     """First step at which the mean training loss of the last `window` steps falls below
     `level` (the plateau, everything but the key predicted, sits at ~0.6), or "not left"."""
@@ -211,11 +240,17 @@ def main(argv=None) -> int:
                    help="T: longest training prompt (multiple of 16); 16 * 128 / T documents a step")
     p.add_argument("--table", action="store_true", help="only print the table of finished runs")
     p.add_argument("--heads", metavar="RUN_DIR", help="only print the needle share per head of one run")
+    p.add_argument("--trajectory", metavar="RUN_DIR",
+                   help="only print retrieval at --mults for every saved checkpoint of one run")
     args = p.parse_args(argv)
     from megatron_infini.evaluation.recipe import write_recipe
 
     if args.heads:
         print(head_shares(args.heads, args.digits, [int(x) for x in args.mults.split(",")]))
+        return 0
+    if args.trajectory:
+        print(trajectory(args.trajectory, args.digits, [int(s) for s in args.eval_seeds.split(",")], args.samples,
+                         [int(x) for x in args.mults.split(",")]))
         return 0
     if args.table:
         print(table(args.out))
