@@ -26,6 +26,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "passkey_tiny.yaml")
 T = 128
+DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 #: name -> (data options, trainer overrides on top of configs/passkey_tiny.yaml with the paper's
 #: layer: model.memory_write_gate=none, memory_write_init=0.5, memory_layers=null).
@@ -98,10 +99,24 @@ def train(run_dir: str, prefix: str, weights: str, overrides: list, steps: int, 
     return time.time() - t0
 
 
+def accuracy_by_length(model, tok, lengths: list, depths: list, eval_seeds: list, samples: int, digits: int,
+                       memory: bool = True) -> dict:
+    """{length label: [accuracy over `depths`, one per evaluation seed]} in the recipe's format."""
+    from megatron_infini.evaluation.passkey import run_passkey
+
+    acc = {}
+    for seed in eval_seeds:
+        res = run_passkey(model, tok, lengths, depths, samples, seed, digits, chunk_segments=64, batch_size=32,
+                          memory=memory, log=None, intro=False)
+        for length, row in res["table"].items():
+            acc.setdefault(length, []).append(sum(row.values()) / len(row))
+    return acc
+
+
 def evaluate(run_dir: str, digits: int, eval_seeds: list, samples: int, mults: list, depths: list) -> dict:
     import torch
 
-    from megatron_infini.evaluation.passkey import make_samples, run_passkey
+    from megatron_infini.evaluation.passkey import make_samples
     from megatron_infini.evaluation.passkey_data import PasskeyBuilder
     from megatron_infini.evaluation.retrieval_stats import needle_share
     from megatron_infini.inference.loader import inference_session, load_model_for_inference
@@ -112,13 +127,8 @@ def evaluate(run_dir: str, digits: int, eval_seeds: list, samples: int, mults: l
     with inference_session():
         model, cfg, tok = load_model_for_inference(run_dir)
         for memory in (True, False):
-            acc = {}
-            for seed in eval_seeds:
-                res = run_passkey(model, tok, lengths, depths, samples, seed, digits, chunk_segments=64,
-                                  batch_size=32, memory=memory, log=None, intro=False)
-                for length, row in res["table"].items():
-                    acc.setdefault(length, []).append(sum(row.values()) / len(row))
-            out["accuracy"]["on" if memory else "off"] = acc
+            out["accuracy"]["on" if memory else "off"] = accuracy_by_length(model, tok, lengths, depths, eval_seeds,
+                                                                           samples, digits, memory)
         builder = PasskeyBuilder(tok, intro=False)
         for length in lengths:
             stats = [needle_share(model, s) for s in make_samples(builder, length, 0.5, 4, 99, digits)]
@@ -162,23 +172,17 @@ def trajectory(run_dir: str, digits: int, eval_seeds: list, samples: int, mults:
     import torch
 
     from megatron_infini.checkpointing.manager import complete_checkpoints, iter_dir
-    from megatron_infini.evaluation.passkey import run_passkey
     from megatron_infini.evaluation.recipe import find_recipe
     from megatron_infini.inference.loader import inference_session, load_model_for_inference
 
     torch.set_num_threads(1)
     t = (find_recipe(run_dir) or {}).get("train_length", T)
     root = os.path.join(run_dir, "checkpoints")
-    lines = [f"| step | " + " | ".join(f"{m}T on" for m in mults) + " |", "|---|" + "---|" * len(mults)]
+    lines = ["| step | " + " | ".join(f"{m}T on" for m in mults) + " |", "|---|" + "---|" * len(mults)]
     with inference_session():
         for step in sorted(complete_checkpoints(root)):
             model, _, tok = load_model_for_inference(iter_dir(root, step))
-            acc = {m: [] for m in mults}
-            for seed in eval_seeds:
-                res = run_passkey(model, tok, [m * t for m in mults], [0.0, 0.25, 0.5, 0.75, 1.0], samples, seed,
-                                  digits, chunk_segments=64, batch_size=32, log=None, intro=False)
-                for m, row in zip(mults, res["table"].values()):
-                    acc[m].append(sum(row.values()) / len(row))
+            acc = accuracy_by_length(model, tok, [m * t for m in mults], DEPTHS, eval_seeds, samples, digits)
             lines.append(f"| {step} | " + " | ".join(f"{sum(a) / len(a):.0%}" for a in acc.values()) + " |")
     return "\n".join(lines)
 
@@ -259,7 +263,7 @@ def main(argv=None) -> int:
         p.error("--train-length must be a multiple of 16 in 64..2048")
     T = args.train_length
     mults = [int(x) for x in args.mults.split(",")]
-    depths = [0.0, 0.25, 0.5, 0.75, 1.0]
+    depths = DEPTHS
     for name in args.variants.split(","):
         opts, overrides = VARIANTS[name]
         for seed in (int(s) for s in args.seeds.split(",")):
