@@ -113,12 +113,22 @@ def accuracy_by_length(model, tok, lengths: list, depths: list, eval_seeds: list
     return acc
 
 
-def evaluate(run_dir: str, digits: int, eval_seeds: list, samples: int, mults: list, depths: list) -> dict:
-    import torch
-
+def mean_head_shares(model, tok, length: int, digits: int) -> tuple:
+    """The needle's share of the retrieval weights per layer and head, mean of 4 prompts of
+    `length` tokens with the needle at depth 0.5, and the gates (sigmoid) per layer and head."""
     from megatron_infini.evaluation.passkey import make_samples
     from megatron_infini.evaluation.passkey_data import PasskeyBuilder
     from megatron_infini.evaluation.retrieval_stats import needle_share
+
+    st = [needle_share(model, s) for s in make_samples(PasskeyBuilder(tok, intro=False), length, 0.5, 4, 99, digits)]
+    shares = [[sum(x["share"][l][h] for x in st) / len(st) for h in range(len(st[0]["share"][l]))]
+              for l in range(len(st[0]["share"]))]
+    return shares, st[0]["gate"]
+
+
+def evaluate(run_dir: str, digits: int, eval_seeds: list, samples: int, mults: list, depths: list) -> dict:
+    import torch
+
     from megatron_infini.inference.loader import inference_session, load_model_for_inference
 
     torch.set_num_threads(1)
@@ -129,14 +139,10 @@ def evaluate(run_dir: str, digits: int, eval_seeds: list, samples: int, mults: l
         for memory in (True, False):
             out["accuracy"]["on" if memory else "off"] = accuracy_by_length(model, tok, lengths, depths, eval_seeds,
                                                                            samples, digits, memory)
-        builder = PasskeyBuilder(tok, intro=False)
         for length in lengths:
-            stats = [needle_share(model, s) for s in make_samples(builder, length, 0.5, 4, 99, digits)]
-            # max over heads of the mean share per layer: the head most able to read the needle
-            layers = len(stats[0]["share"])
-            out["share"][str(length)] = [max(sum(st["share"][l][h] for st in stats) / len(stats)
-                                             for h in range(len(stats[0]["share"][l]))) for l in range(layers)]
-            out["gate"] = stats[0]["gate"]
+            shares, out["gate"] = mean_head_shares(model, tok, length, digits)
+            # per layer, the head most able to read the needle
+            out["share"][str(length)] = [max(layer) for layer in shares]
     return out
 
 
@@ -146,22 +152,16 @@ def head_shares(run_dir: str, digits: int, mults: list) -> str:
     mix it with filler (share falling with the length)."""
     import torch
 
-    from megatron_infini.evaluation.passkey import make_samples
-    from megatron_infini.evaluation.passkey_data import PasskeyBuilder
-    from megatron_infini.evaluation.retrieval_stats import needle_share
     from megatron_infini.inference.loader import inference_session, load_model_for_inference
 
     torch.set_num_threads(1)
     lines = [f"needle share per head (layer 1 heads; layer 2 heads), depth 0.5, {run_dir}"]
     with inference_session():
         model, _, tok = load_model_for_inference(run_dir)
-        builder = PasskeyBuilder(tok, intro=False)
         for m in mults:
-            st = [needle_share(model, s) for s in make_samples(builder, m * T, 0.5, 4, 99, digits)]
-            layers = [[sum(x["share"][l][h] for x in st) / len(st) for h in range(len(st[0]["share"][l]))]
-                      for l in range(len(st[0]["share"]))]
-            lines.append(f"{m:>3}T: " + "; ".join(",".join(f"{v:.3f}" for v in hs) for hs in layers))
-        lines.append("gates (sigmoid): " + "; ".join(",".join(f"{g:.2f}" for g in hs) for hs in st[0]["gate"]))
+            shares, gate = mean_head_shares(model, tok, m * T, digits)
+            lines.append(f"{m:>3}T: " + "; ".join(",".join(f"{v:.3f}" for v in hs) for hs in shares))
+        lines.append("gates (sigmoid): " + "; ".join(",".join(f"{g:.2f}" for g in hs) for hs in gate))
     return "\n".join(lines)
 
 
@@ -263,7 +263,6 @@ def main(argv=None) -> int:
         p.error("--train-length must be a multiple of 16 in 64..2048")
     T = args.train_length
     mults = [int(x) for x in args.mults.split(",")]
-    depths = DEPTHS
     for name in args.variants.split(","):
         opts, overrides = VARIANTS[name]
         for seed in (int(s) for s in args.seeds.split(",")):
@@ -274,10 +273,9 @@ def main(argv=None) -> int:
             prefix, weights = data_for(args.out, opts, args.steps * (16 * 128 // T), args.digits, seed)
             train_s = train(run_dir, prefix, weights, overrides, args.steps, seed)
             write_recipe(run_dir, T, args.digits, intro=False)  # `eval passkey --checkpoint RUN_DIR` reads it
-            ev = evaluate(run_dir, args.digits, [int(s) for s in args.eval_seeds.split(",")], args.samples, mults, depths)
+            ev = evaluate(run_dir, args.digits, [int(s) for s in args.eval_seeds.split(",")], args.samples, mults, DEPTHS)
             res = {"variant": label, "train_length": T, "seed": seed, "steps": args.steps, "mults": mults,
-                   "train_s": train_s,
-                   "data": opts, "overrides": overrides, "eval": ev}
+                   "train_s": train_s, "data": opts, "overrides": overrides, "eval": ev}
             json.dump(res, open(os.path.join(run_dir, "result.json"), "w"), indent=1)
             print(table(args.out).splitlines()[-1], flush=True)
     print(table(args.out))
