@@ -21,6 +21,7 @@ from megatron_infini.ops import UPDATE_RULES
 MEMORY_TYPES = ("infini", "compressive", "xl")
 #: Values of `memory_write_gate`.
 WRITE_GATES = ("none", "hard", "sigmoid")
+MEMORY_FREE_ATTENTION = ("segment", "xl")
 
 #: |gate_init| above this saturates the sigmoid: the memory path (very negative) or the
 #: local path (very positive) gets no gradient. docs/infini.md: a -100 init killed the memory.
@@ -79,6 +80,14 @@ class InfiniTransformerConfig(TransformerConfig):
     the others are segment-local attention only, with no gate. None: every layer (the paper).
     docs/generalisation.md: a tiny passkey model generalised past its training length more
     reliably with the memory in its top layer only."""
+
+    memory_free_attention: str = "segment"
+    """Attention of the layers without memory (memory_layers, or memory_enabled=False):
+    "segment" (causal within the segment, the paper's local attention) or "xl" (Transformer-XL:
+    the segment also attends to the keys/values of the xl_memory_length tokens before it,
+    default segment_length, carried across segments and forward calls like a memory). With
+    "xl" what such a layer computes for a token does not depend on where a segment boundary
+    falls; docs/generalisation.md measures it. Needs get_gpt_block_infini_spec(config)."""
 
     memory_type: str = "infini"
     """Memory of every attention layer: "infini" (compressive memory M, z of fixed size),
@@ -184,6 +193,7 @@ class InfiniTransformerConfig(TransformerConfig):
         t = self.memory_type
         if t not in MEMORY_TYPES:
             raise ValueError(f"memory_type must be one of {MEMORY_TYPES}, got {t!r}")
+        self._validate_memory_free_attention()
         if t == "infini":
             return
         # Resolve the defaults, then check (n_cm and c only matter for "compressive").
@@ -224,6 +234,33 @@ class InfiniTransformerConfig(TransformerConfig):
             raise ValueError(f"{', '.join(bad)}: not supported with memory_type={t!r} (local-only attention is "
                              "memory_type='infini' with memory_enabled=False; full recompute would compute the "
                              "reconstruction loss without autograd)")
+
+    def memory_free_xl(self, layer_number: int) -> bool:
+        """Whether layer `layer_number` (1-based) is a Transformer-XL layer because it has no
+        memory and memory_free_attention is "xl"."""
+        return self.memory_free_attention == "xl" and not self.layer_has_memory(layer_number)
+
+    def _validate_memory_free_attention(self) -> None:
+        a = self.memory_free_attention
+        if a not in MEMORY_FREE_ATTENTION:
+            raise ValueError(f"memory_free_attention must be one of {MEMORY_FREE_ATTENTION}, got {a!r}")
+        if a == "segment":
+            return
+        if self.memory_type != "infini":
+            raise ValueError(f"memory_free_attention='xl' applies to memory_type='infini' (its layers without "
+                             f"memory); memory_type={self.memory_type!r} layers all keep a memory")
+        if self.memory_enabled and self.memory_layers is None:
+            raise ValueError("memory_free_attention='xl' has no effect: every layer keeps a memory; set memory_layers "
+                             "(or memory_enabled=False)")
+        if self.xl_memory_length is None:
+            self.xl_memory_length = self.segment_length
+        n = self.xl_memory_length
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"xl_memory_length must be an integer >= 1 for memory_free_attention='xl', got {n!r}")
+        bad = [name for name, on in {"context_parallel_size > 1": self.context_parallel_size > 1,
+                                     "rotary_interleaved=True": self.rotary_interleaved}.items() if on]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: not supported with memory_free_attention='xl'")
 
     def _validate_parallelism(self) -> None:
         tp = self.tensor_model_parallel_size

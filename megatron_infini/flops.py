@@ -16,6 +16,14 @@ def causal_attention_flops(s: int, b: int, hq: int, dk: int, dv: int, segment_le
     return 2.0 * b * hq * pairs * (dk + dv)
 
 
+def window_attention_flops(s: int, b: int, hq: int, dk: int, dv: int, segment_length: int, window: int) -> float:
+    """Forward FLOPs of Transformer-XL attention (`memory_free_attention="xl"`): causal within
+    each segment plus, for every query, the `window` keys before its segment (fewer at the start)."""
+    N = segment_length if 0 < segment_length < s else s
+    extra = sum(min(N, s - start) * min(window, start) for start in range(0, s, N))  # (query, past key) pairs
+    return causal_attention_flops(s, b, hq, dk, dv, N) + 2.0 * b * hq * extra * (dk + dv)
+
+
 def memory_flops(s: int, b: int, hq: int, hkv: int, dk: int, dv: int, update: str = "linear") -> float:
     """Forward FLOPs of the compressive memory: retrieval for every query and the update."""
     retrieve = 2.0 * b * hq * s * dk * (dv + 1)  # sigma(Q) M and sigma(Q) z
@@ -36,11 +44,12 @@ def gpt_model_flops_per_step(
     *, num_layers: int, hidden_size: int, ffn_hidden_size: int, num_attention_heads: int,
     num_query_groups: int, vocab_size: int, seq_length: int, batch: int, segment_length: int,
     update: str = "linear", gated_mlp: bool = True, memory_enabled: bool = True,
-    memory_layers: Optional[int] = None,
+    memory_layers: Optional[int] = None, memory_free_window: int = 0,
 ) -> float:
     """Model FLOPs of one training step (forward + backward, no recomputation) of the
     Infini-attention GPT model over `batch` sequences of `seq_length` tokens; `memory_layers`:
-    how many layers keep a memory (default: all of them when `memory_enabled`)."""
+    how many layers keep a memory (default: all of them when `memory_enabled`);
+    `memory_free_window`: the others' Transformer-XL window (0: attention within the segment)."""
     s, b, h = seq_length, batch, hidden_size
     d = h // num_attention_heads
     tokens = s * b
@@ -48,7 +57,7 @@ def gpt_model_flops_per_step(
     proj = 2.0 * tokens * num_attention_heads * d * h
     mlp = 2.0 * tokens * h * ffn_hidden_size * (3 if gated_mlp else 2)
     n_mem = (num_layers if memory_layers is None else memory_layers) if memory_enabled else 0
-    local = causal_attention_flops(s, b, num_attention_heads, d, d, segment_length)
+    local = window_attention_flops(s, b, num_attention_heads, d, d, segment_length, memory_free_window)
     infini = infini_attention_flops(s, b, num_attention_heads, num_query_groups, d, d, segment_length, update)
     attn = n_mem * infini + (num_layers - n_mem) * local
     logits = 2.0 * tokens * h * vocab_size

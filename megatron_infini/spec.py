@@ -43,7 +43,8 @@ def _attention_modules(memory_type: str):
     if memory_type in ("compressive", "xl"):
         from megatron_infini.layers.compressive import CompressiveCoreAttention, CompressiveSelfAttention
 
-        return CompressiveSelfAttention, CompressiveCoreAttention
+        core = ModuleSpec(module=CompressiveCoreAttention, params={"memory_type": memory_type})
+        return CompressiveSelfAttention, core
     if memory_type not in _ATTENTION:
         raise ValueError(f"memory_type must be one of ('infini', 'compressive', 'xl'), got {memory_type!r}")
     return _ATTENTION[memory_type]
@@ -177,13 +178,21 @@ def get_gpt_block_infini_spec(config: TransformerConfig, qk_layernorm: bool = Fa
     Accepted by `GPTModel(transformer_layer_spec=...)` like a layer spec; use it whenever
     `sequence_parallel=True` (works without Apex / Transformer Engine, and the final norm's
     gradient is reduced correctly under any wrapper). With Transformer Engine and sequence
-    parallelism the norms are not fused (see the module docstring).
+    parallelism the norms are not fused (see the module docstring). With
+    `config.memory_free_attention="xl"` the layers without memory are Transformer-XL layers
+    (`megatron_infini.layers.compressive`, no compressed memory).
     """
-    layer = get_gpt_layer_infini_spec(qk_layernorm=qk_layernorm,
-                                      memory_type=getattr(config, "memory_type", "infini"),
-                                      transformer_impl=transformer_impl,
-                                      fuse_norms=not config.sequence_parallel)
+    def layer(memory_type: str) -> ModuleSpec:
+        return get_gpt_layer_infini_spec(qk_layernorm=qk_layernorm, memory_type=memory_type,
+                                         transformer_impl=transformer_impl, fuse_norms=not config.sequence_parallel)
+
+    memory_type = getattr(config, "memory_type", "infini")
+    specs = {memory_type: layer(memory_type)}
+    if getattr(config, "memory_free_attention", "segment") == "xl":  # layers without memory: Transformer-XL
+        specs["xl"] = layer("xl")
+    layer_specs = [specs["xl"] if "xl" in specs and config.memory_free_xl(i) else specs[memory_type]
+                   for i in range(1, config.num_layers + 1)]
     return ModuleSpec(
         module=TransformerBlock,
-        submodules=TransformerBlockSubmodules(layer_specs=[layer] * config.num_layers, layer_norm=Norm),
+        submodules=TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=Norm),
     )

@@ -84,10 +84,16 @@ class SDPACoreAttention(torch.nn.Module):
                  softmax_scale=None, pg_collection=None):
         super().__init__()
 
+    def mask(self, s: int):
+        """[s, s] bool mask of the (query, key) pairs attended, or None: causal."""
+        return None
+
     def forward(self, q, k, v, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
         s, b = q.shape[:2]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [s, b, h, d] -> (b, h, s, d)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        mask = self.mask(s)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(q.device),
+                                             is_causal=mask is None, enable_gqa=True)
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)  # (b, h, s, d) -> [s, b, h * d]
 
 

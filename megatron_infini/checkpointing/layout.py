@@ -33,6 +33,7 @@ def model_signature(model) -> Dict[str, object]:
         "memory_enabled": bool(getattr(c, "memory_enabled", True)),
         "memory_update": getattr(c, "memory_update", None),
         "memory_layers": list(getattr(c, "memory_layers", None) or []) or None,
+        "memory_free_attention": getattr(c, "memory_free_attention", "segment"),
     }
 
 

@@ -84,6 +84,9 @@ class InfiniCoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
 
         has_memory = config.layer_has_memory(layer_number)
+        if getattr(config, "memory_free_attention", "segment") == "xl" and not has_memory:
+            raise ValueError(f"layer {layer_number} has no memory and config.memory_free_attention is 'xl': it is a "
+                             "Transformer-XL layer; build the model with get_gpt_block_infini_spec(config)")
         if has_memory:
             self.gate = torch.nn.Parameter(
                 torch.full((self.num_heads_per_partition,), float(config.gate_init),

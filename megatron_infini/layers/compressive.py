@@ -68,11 +68,19 @@ class CompressiveCoreAttention(MegatronModule):
         cp_comm_type: Optional[str] = None,
         softmax_scale: Optional[float] = None,
         pg_collection: Optional[ProcessGroupCollection] = None,
+        memory_type: Optional[str] = None,
     ):
         super().__init__(config=config)
-        if getattr(config, "memory_type", None) not in ("compressive", "xl"):
+        # memory_type "xl" for a layer of an Infini model: a layer without memory under
+        # memory_free_attention="xl" (the spec passes it); otherwise the config's memory_type.
+        kind = getattr(config, "memory_type", None) if memory_type is None else memory_type
+        if memory_type is not None and memory_type != config.memory_type and not (
+                memory_type == "xl" and config.memory_free_xl(layer_number)):
+            raise ValueError(f"layer {layer_number}: memory_type {memory_type!r} but config.memory_type is "
+                             f"{config.memory_type!r}; build the model with get_gpt_block_infini_spec(config)")
+        if kind not in ("compressive", "xl"):
             raise ValueError("CompressiveCoreAttention needs an InfiniTransformerConfig with memory_type "
-                             f"'compressive' or 'xl', got {getattr(config, 'memory_type', None)!r}")
+                             f"'compressive' or 'xl', got {kind!r}")
         if attention_type != "self":
             raise ValueError(f"attention_type must be 'self', got {attention_type!r}")
         if pg_collection is None:
@@ -86,7 +94,7 @@ class CompressiveCoreAttention(MegatronModule):
         self.num_groups_per_partition = divide(config.num_query_groups, self.tp_size)
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         self.memory_length = config.xl_memory_length
-        self.compressed_length = config.compressed_memory_length if config.memory_type == "compressive" else 0
+        self.compressed_length = config.compressed_memory_length if kind == "compressive" else 0
         self.rate = config.compression_rate
         if self.compressed_length:
             hn, ng = config.kv_channels, self.num_groups_per_partition

@@ -126,6 +126,7 @@ class Trainer:
             vocab_size=self.vocab_size, seq_length=cfg.train.seq_length, batch=cfg.train.global_batch_size,
             segment_length=m.segment_length, update=m.memory_update, gated_mlp=m.activation == "swiglu",
             memory_enabled=m.memory_enabled, memory_layers=None if m.memory_layers is None else len(m.memory_layers),
+            memory_free_window=(m.xl_memory_length or m.segment_length) if m.memory_free_attention == "xl" else 0,
         )
 
     # ----------------------------------------------------------------- state

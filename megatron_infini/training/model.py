@@ -42,6 +42,7 @@ def transformer_config(cfg: Config, bf16: bool):
         memory_enabled=m.memory_enabled,
         memory_layers=None if m.memory_layers is None else tuple(m.memory_layers),
         memory_type=m.memory_type,
+        memory_free_attention=m.memory_free_attention,
         xl_memory_length=m.xl_memory_length,
         compressed_memory_length=m.compressed_memory_length,
         compression_rate=m.compression_rate,

@@ -33,6 +33,10 @@ class ModelConfig:
     memory_layers: Optional[List[int]] = None
     """Layers (1-based) whose attention keeps a memory; the others attend within their segment
     only. null: every layer (the paper). See docs/generalisation.md."""
+    memory_free_attention: str = "segment"
+    """Attention of the layers without memory (memory_layers): segment (within the segment, the
+    paper) | xl (also the xl_memory_length tokens before the segment, Transformer-XL style, so
+    no token's view depends on where a segment boundary falls). See docs/generalisation.md."""
     memory_type: str = "infini"
     """infini | compressive (Compressive Transformer) | xl (Transformer-XL); see docs/memories.md."""
     xl_memory_length: Optional[int] = None
@@ -94,6 +98,13 @@ class ModelConfig:
         _one_of(f"{prefix}.memory_type", self.memory_type, ("infini", "compressive", "xl"))
         if self.memory_type != "infini":
             self._validate_past_memory(prefix)  # (InfiniTransformerConfig checks them again)
+        _one_of(f"{prefix}.memory_free_attention", self.memory_free_attention, ("segment", "xl"))
+        if self.memory_free_attention == "xl":
+            if self.memory_type != "infini" or (self.memory_enabled and self.memory_layers is None):
+                raise ConfigError(f"{prefix}.memory_free_attention=xl applies to the layers without memory of "
+                                  f"{prefix}.memory_type=infini: set {prefix}.memory_layers (e.g. [{self.num_layers}])")
+            _at_least(f"{prefix}.xl_memory_length",
+                      self.segment_length if self.xl_memory_length is None else self.xl_memory_length, 1)
         _one_of(f"{prefix}.memory_write_gate", self.memory_write_gate, ("none", "hard", "sigmoid"))
         _at_least(f"{prefix}.memory_write_l1", self.memory_write_l1, 0)
         _at_least(f"{prefix}.memory_write_l1_start", self.memory_write_l1_start, 0)
