@@ -186,12 +186,12 @@ def get_gpt_block_infini_spec(config: TransformerConfig, qk_layernorm: bool = Fa
         return get_gpt_layer_infini_spec(qk_layernorm=qk_layernorm, memory_type=memory_type,
                                          transformer_impl=transformer_impl, fuse_norms=not config.sequence_parallel)
 
-    memory_type = getattr(config, "memory_type", "infini")
-    specs = {memory_type: layer(memory_type)}
-    if getattr(config, "memory_free_attention", "segment") == "xl":  # layers without memory: Transformer-XL
-        specs["xl"] = layer("xl")
-    layer_specs = [specs["xl"] if "xl" in specs and config.memory_free_xl(i) else specs[memory_type]
-                   for i in range(1, config.num_layers + 1)]
+    main = layer(getattr(config, "memory_type", "infini"))
+    if getattr(config, "memory_free_attention", "segment") != "xl":
+        layer_specs = [main] * config.num_layers
+    else:  # the layers without memory: Transformer-XL
+        xl = layer("xl")
+        layer_specs = [xl if config.memory_free_xl(i) else main for i in range(1, config.num_layers + 1)]
     return ModuleSpec(
         module=TransformerBlock,
         submodules=TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=Norm),
