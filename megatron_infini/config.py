@@ -71,6 +71,17 @@ class InfiniTransformerConfig(TransformerConfig):
     empties the memory before retrieval is learned; the trainer's `model.memory_write_l1_start`
     delays it."""
 
+    memory_repeat_max: int = 1
+    """Training-time augmentation of the memory's length, R >= 1 (1: off, the paper). In a
+    training forward each segment of each sequence is written to the memory as if it were
+    repeated m times in a row: its writes are multiplied by an integer m in 1..R drawn per
+    segment and sequence (P(m) proportional to log((m + 1) / m), log-uniform), which for the
+    linear update is exactly the memory left by the repeated segments (tested). A layer that
+    stores filler along with what the loss needs then pays at training time for the dilution
+    it would meet at R times the training length. Drawn from the default torch RNG,
+    independently per memory layer; evaluation and streaming are unchanged. Linear update
+    only; not with context_parallel_size > 1. docs/generalisation.md measures it."""
+
     memory_enabled: bool = True
     """False turns the memory off (ablation): attention is causal softmax attention within each
     segment only, and the layers hold no gate parameter."""
@@ -163,6 +174,15 @@ class InfiniTransformerConfig(TransformerConfig):
         if lam and self.memory_write_gate == "none":
             raise ValueError("memory_write_l1 > 0 needs learned write strengths: set memory_write_gate to 'hard' "
                              "or 'sigmoid'")
+        r = self.memory_repeat_max
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"memory_repeat_max must be an integer >= 1 (1: off), got {r!r}")
+        if r > 1 and self.memory_update != "linear":
+            raise ValueError(f"memory_repeat_max > 1 simulates repeated segments, which is a multiplied write for "
+                             f"the linear update only; got memory_update={self.memory_update!r}")
+        if r > 1 and self.context_parallel_size > 1:
+            raise ValueError("memory_repeat_max > 1 is not supported with context_parallel_size > 1 (the memory "
+                             "relay sends unweighted deltas); use context_parallel_size 1")
         if not isinstance(self.memory_enabled, bool):
             raise ValueError(f"memory_enabled must be True or False, got {self.memory_enabled!r}")
         if self.memory_layers is not None:
@@ -196,6 +216,8 @@ class InfiniTransformerConfig(TransformerConfig):
         self._validate_memory_free_attention()
         if t == "infini":
             return
+        if self.memory_repeat_max != 1:
+            raise ValueError(f"memory_repeat_max augments the Infini memory; leave it at 1 for memory_type={t!r}")
         # Resolve the defaults, then check (n_cm and c only matter for "compressive").
         if self.xl_memory_length is None:
             self.xl_memory_length = self.segment_length

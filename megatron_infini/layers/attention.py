@@ -162,6 +162,10 @@ class InfiniCoreAttention(MegatronModule):
                 lam = getattr(cfg, "memory_write_l1", 0.0)
                 if self.training and lam:  # this rank's heads: the TP ranks' terms sum to the global mean
                     self.write_penalty = op["write"].mean() * (lam / get_pg_size(self.tp_group))
+            repeat = getattr(cfg, "memory_repeat_max", 1)
+            if self.training and repeat > 1:  # each segment written as if repeated m times (linear update)
+                m = repeat_multipliers(s, b, cfg.segment_length, repeat, key.device)  # [s, b, 1]
+                op["write"] = m.expand(s, b, key.shape[2]) if op.get("write") is None else op["write"] * m
             if self.cp_relay is not None:  # initial memory from the context-parallel ranks before this one
                 out, memory = self.cp_relay.attention(query, key, value, self.gate, **op)
             else:
@@ -212,6 +216,16 @@ class InfiniCoreAttention(MegatronModule):
             state_dict, prefix, {"gate": 0, "write_weight": 0, "write_bias": 0}, sharded_offsets,
             tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
         )
+
+
+def repeat_multipliers(s: int, b: int, segment_length: int, repeat_max: int, device) -> torch.Tensor:
+    """Write multipliers [s, b, 1] float32 for `memory_repeat_max`: one integer m in
+    1..repeat_max per segment and sequence, P(m) proportional to log((m + 1) / m), from the
+    default torch RNG of `device`, repeated over the segment's tokens."""
+    n_seg = -(-s // segment_length)
+    u = torch.rand(n_seg, b, device=device)
+    m = torch.exp(u * math.log(repeat_max + 1)).floor().clamp(1, repeat_max)  # [n_seg, b]
+    return m.repeat_interleave(segment_length, dim=0)[:s].unsqueeze(-1)  # [s, b, 1]
 
 
 def in_segment_rope(freqs: torch.Tensor, s: int, segment_length: int) -> torch.Tensor:

@@ -50,6 +50,7 @@ def transformer_config(cfg: Config, bf16: bool):
         memory_write_gate=m.memory_write_gate,
         memory_write_init=m.memory_write_init,
         memory_write_l1=m.memory_write_l1,
+        memory_repeat_max=m.memory_repeat_max,
         gate_init=m.gate_init,
         checkpoint_segments=m.checkpoint_segments,
         normalization=m.normalization,

@@ -59,6 +59,9 @@ class ModelConfig:
     memory_write_l1_start: int = 0
     """First training step at which memory_write_l1 is added to the loss (0: from the start). The
     penalty stops a model still on its loss plateau from finding retrieval (docs/generalisation.md)."""
+    memory_repeat_max: int = 1
+    """Training augmentation: each segment is written to the memory as if repeated m times, m
+    in 1..R drawn per segment (1: off). Linear update only (docs/generalisation.md)."""
     gate_init: float = 0.0
     """Initial gate logit beta (sigmoid(0) = 0.5 mixes memory and local attention evenly)."""
     checkpoint_segments: int = 0
@@ -108,6 +111,10 @@ class ModelConfig:
         _one_of(f"{prefix}.memory_write_gate", self.memory_write_gate, ("none", "hard", "sigmoid"))
         _at_least(f"{prefix}.memory_write_l1", self.memory_write_l1, 0)
         _at_least(f"{prefix}.memory_write_l1_start", self.memory_write_l1_start, 0)
+        _at_least(f"{prefix}.memory_repeat_max", self.memory_repeat_max, 1)
+        if self.memory_repeat_max > 1 and (self.memory_update != "linear" or self.memory_type != "infini"):
+            raise ConfigError(f"{prefix}.memory_repeat_max > 1 simulates repeated segments in the Infini memory with "
+                              f"the linear update: needs {prefix}.memory_update=linear and {prefix}.memory_type=infini")
         if self.memory_write_l1 and self.memory_write_gate == "none":
             raise ConfigError(f"{prefix}.memory_write_l1 needs learned write strengths: set {prefix}.memory_write_gate "
                               "to hard or sigmoid")
