@@ -122,3 +122,16 @@ def test_config_errors():
         ModelConfig(memory_repeat_max=4, memory_update="delta").validate()
     with pytest.raises(ConfigError, match=">= 1"):
         ModelConfig(memory_repeat_max=0).validate()
+
+
+def test_trainer_starts_the_augmentation_at_its_step(tmp_path):
+    """model.memory_repeat_start: the first update (step 0) is plain in both runs; from step 1
+    on the augmented forward gives another loss."""
+    from train_utils import train
+
+    base = ["train.steps=2", "model.memory_update=linear", "model.memory_repeat_max=16"]
+    late = train(tmp_path / "late", *base, "model.memory_repeat_start=100", nproc=0)
+    early = train(tmp_path / "early", *base, "model.memory_repeat_start=1", nproc=0)
+    assert late.returncode == 0 and early.returncode == 0, (late.output[-2000:], early.output[-2000:])
+    assert early.losses[0] == late.losses[0]
+    assert early.losses[1] != late.losses[1]

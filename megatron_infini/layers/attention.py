@@ -109,6 +109,7 @@ class InfiniCoreAttention(MegatronModule):
             for p in (self.write_weight, self.write_bias):
                 set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0, stride=1)
         self.write_penalty: Optional[torch.Tensor] = None  # memory_write_l1 term of the last training forward
+        self.repeat_max = int(getattr(config, "memory_repeat_max", 1))  # the trainer may hold it at 1 (set_memory_repeat)
         self.carry_memory = False
         self.memory: Optional[Memory] = None
         self.last_memory_stats: Optional[torch.Tensor] = None  # set by forwards in training mode (metrics)
@@ -162,7 +163,7 @@ class InfiniCoreAttention(MegatronModule):
                 lam = getattr(cfg, "memory_write_l1", 0.0)
                 if self.training and lam:  # this rank's heads: the TP ranks' terms sum to the global mean
                     self.write_penalty = op["write"].mean() * (lam / get_pg_size(self.tp_group))
-            repeat = getattr(cfg, "memory_repeat_max", 1)
+            repeat = self.repeat_max
             if self.training and repeat > 1:  # each segment written as if repeated m times (linear update)
                 m = repeat_multipliers(s, b, cfg.segment_length, repeat, key.device)  # [s, b, 1]
                 op["write"] = m.expand(s, b, key.shape[2]) if op.get("write") is None else op["write"] * m
@@ -336,3 +337,11 @@ def write_penalty(model: torch.nn.Module) -> Optional[torch.Tensor]:
     """Sum over memory layers of this rank's `memory_write_l1` penalty of the last training
     forward (see `pop_loss_terms`)."""
     return pop_loss_terms((m for m in model.modules() if isinstance(m, InfiniCoreAttention)), "write_penalty")
+
+
+def set_memory_repeat(model: torch.nn.Module, repeat_max: int) -> None:
+    """Set the `memory_repeat_max` augmentation of every memory layer (1: off), e.g. to start it
+    at a training step (the trainer's `model.memory_repeat_start`)."""
+    for m in model.modules():
+        if isinstance(m, InfiniCoreAttention):
+            m.repeat_max = int(repeat_max)

@@ -23,7 +23,7 @@ from megatron_infini.data.dataset import PackedDocumentDataset, check_vocab
 from megatron_infini.data.preprocess import check_tokenizer, read_metadata
 from megatron_infini.data.tokenizer import Tokenizer
 from megatron_infini.flops import gpt_model_flops_per_step
-from megatron_infini.layers.attention import write_penalty
+from megatron_infini.layers.attention import set_memory_repeat, write_penalty
 from megatron_infini.layers.compressive import reconstruction_loss, reconstruction_stats
 
 from . import exit_codes
@@ -211,6 +211,9 @@ class Trainer:
                 t0 = time.perf_counter()
                 lr = apply_lr(self.engine.optimizer, self.step, cfg.optimizer, cfg.train.steps)
                 losses = []
+                if cfg.model.memory_repeat_max > 1:  # the augmentation from model.memory_repeat_start on
+                    on = self.step >= cfg.model.memory_repeat_start
+                    set_memory_repeat(self.model, cfg.model.memory_repeat_max if on else 1)
                 for _ in range(self.grad_acc):
                     loss = self.forward_loss(next(batches), next(weights) if weights is not None else None)
                     aux = [reconstruction_loss(self.model)]  # compressive: trains the compressors only

@@ -62,6 +62,8 @@ class ModelConfig:
     memory_repeat_max: int = 1
     """Training augmentation: each segment is written to the memory as if repeated m times, m
     in 1..R drawn per segment (1: off). Linear update only (docs/generalisation.md)."""
+    memory_repeat_start: int = 0
+    """First training step of the memory_repeat_max augmentation (0: from the start)."""
     gate_init: float = 0.0
     """Initial gate logit beta (sigmoid(0) = 0.5 mixes memory and local attention evenly)."""
     checkpoint_segments: int = 0
@@ -112,6 +114,7 @@ class ModelConfig:
         _at_least(f"{prefix}.memory_write_l1", self.memory_write_l1, 0)
         _at_least(f"{prefix}.memory_write_l1_start", self.memory_write_l1_start, 0)
         _at_least(f"{prefix}.memory_repeat_max", self.memory_repeat_max, 1)
+        _at_least(f"{prefix}.memory_repeat_start", self.memory_repeat_start, 0)
         if self.memory_repeat_max > 1 and (self.memory_update != "linear" or self.memory_type != "infini"):
             raise ConfigError(f"{prefix}.memory_repeat_max > 1 simulates repeated segments in the Infini memory with "
                               f"the linear update: needs {prefix}.memory_update=linear and {prefix}.memory_type=infini")
