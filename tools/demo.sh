@@ -50,7 +50,7 @@ fi
 # and settings of this length may not learn). Two data-parallel processes weigh the answer per
 # rank and follow another trajectory.
 echo "== 4/4 the memory at work: train a tiny passkey model (tools/passkey_tiny.sh, ${DEMO_PASSKEY_STEPS:=1000} steps), then retrieve"
-STEPS=$DEMO_PASSKEY_STEPS SEED=0 NPROC=1 PYTHON="$PYTHON" bash tools/passkey_tiny.sh "$RUN_DIR/passkey" \
+STEPS=$DEMO_PASSKEY_STEPS SEED=0 NPROC=1 OMP_NUM_THREADS=2 PYTHON="$PYTHON" bash tools/passkey_tiny.sh "$RUN_DIR/passkey" \
     model.memory_layers=null model.memory_write_l1=0 model.memory_repeat_max=1 > "$RUN_DIR.passkey.log" 2>&1 \
     || { tail -20 "$RUN_DIR.passkey.log"; exit 1; }
 "$PYTHON" -m megatron_infini.cli eval passkey --checkpoint "$RUN_DIR/passkey" --lengths T,4T,16T,64T --depths 0,0.5,1 \
