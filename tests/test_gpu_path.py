@@ -291,8 +291,7 @@ def test_gpu_check_script_is_ready():
         assert proc.returncode == 0 and "no CUDA device" in proc.stdout + proc.stderr
     plan = subprocess.run([sys.executable, os.path.join(REPO, "tools", "gpu_check.py"), "--dry-run", "--only",
                            "op,train,stream"], capture_output=True, text=True, cwd=REPO, check=True).stdout
-    assert "bench_attention.py --device cuda --dtype bf16" in plan and "train.seq_length=32768" in plan
-    assert "--stream-worker" in plan
+    assert [line.split()[0] for line in plan.splitlines()[1:4]] == ["op", "train", "stream"]  # more: test_gpu_check.py
 
 
 # ----------------------------------------------------------------------------- inference dtype

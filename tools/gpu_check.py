@@ -1,297 +1,287 @@
 #!/usr/bin/env python3
-"""One GPU validation run (at most ~8 minutes on one H100/H200) ending in one summary table.
+"""One GPU validation run that fits one device command (~9 minutes), results saved after every stage.
 
-Stages, each in its own process with a time limit taken from what is left of the budget; a
-stage that would not fit in GPU memory (launch/memory.py's estimate against the device) or in
-the time left is skipped with the reason in the table:
+Stages run in value order, each in its own process under its own cap (seconds); the caps add up
+to at most the budget, and a stage whose cap no longer fits in what is left of the budget, or
+whose needs are not met (2 GPUs, megatron-core), is skipped with the reason recorded:
 
-  tests    pytest -m gpu (fused attention kernels without the math fallback, ...)
-  op       the op in bf16, forward+backward, against SDPA's flash full causal attention at 8K,
-           32K and 128K tokens (tools/bench_attention.py): times, ratio, share of peak
-  train    the 1B preset (configs/llama-1b-infini.yaml, 128K vocabulary) for 10 steps at 4K and
-           32K tokens, ZeRO-1 on one GPU: tokens/s, MFU (megatron_infini/flops.py's count),
-           peak memory against launch/memory.py's estimate
-  resume   the debug model: 4 steps straight against 2 steps + save + resume to 4 (loss diff)
-  stream   streaming prefill of 1M tokens through the 1B model (bf16, random weights):
-           tokens/s, peak memory
+  op        the op in bf16, fwd+bwd, 8K/32K/128K tokens: Infini against local attention only (memory
+            off) and flash full causal attention; tokens/s, peak memory, SDPA kernel that ran
+  drift     memory (M, z) and output of the bf16 op against a float64 reference, 8K and 128K tokens
+  tests     pytest -m gpu
+  train     1B preset, 32K tokens, 128K vocabulary: Infini against local only (model.memory_enabled
+            false), tokens/s, MFU, peak memory
+  compile   train.compile=true (Inductor) against eager: losses, time per step, compile time
+  multigpu  TP=2 + SP, CP=2, ZeRO-1 over DP=2 against one GPU (>= 2 GPUs): losses, tokens/s
+  stream    streaming prefill of 1M tokens through the 1B model: tokens/s, peak memory
+  resume    (not in the default set) 2 steps + save + resume against 4 straight steps
 
-    bash tools/gpu_check.sh [--budget-s 480] [--out DIR] [--only op,train]
-    python tools/gpu_check.py --dry-run        # print the plan, run nothing (works on CPU)
+gpu_check.json and gpu_check.md are written to --out (default: a new temporary directory) and to
+$OUT when set, after every stage, so a run cut short keeps what it measured.
+
+    bash tools/gpu_check.sh                        # on the GPU machine (installs carried wheels first)
+    python tools/gpu_check.py --dry-run            # the plan: stages, caps, total against the budget
+    python tools/gpu_check.py --cpu-smoke --only op,drift   # the stages' code at toy sizes on CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
-import statistics
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from dataclasses import dataclass, replace
+from typing import Callable, List, Optional
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-STAGES = ("tests", "op", "train", "resume", "stream")
-#: Dense bf16 tensor-core peak (TFLOP/s, no sparsity) by device name; else the measured matmul rate.
-PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0,
-               "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0}
-LLAMA_1B = os.path.join(REPO, "configs", "llama-1b-infini.yaml")
-VOCAB = 128256  # Llama 3's vocabulary, so the output layer has its real size
-ENV = dict(os.environ, WANDB_MODE="disabled", PYTHONWARNINGS="ignore")
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TOOLS)
+DEFAULT_BUDGET_S = 520.0
+"""Seconds for all stages; tools/gpu_check.sh passes 540 s less its install time."""
 
 
-def nominal_peak(name: str):
-    for key, tflops in PEAK_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12
-    return None
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    cap_s: float
+    """The stage's process is killed after this many seconds (rows written so far are kept)."""
+    fn: str
+    """"module:function" under tools/, called in the stage's process with a `StageContext`."""
+    what: str
+    needs: str = ""
+    """Comma-separated: megatron (megatron-core and DeepSpeed import), gpus2 (>= 2 GPUs)."""
 
 
+#: Value order: the op's speed and numerics first, the trainer's paths after.
+STAGES = (
+    Stage("op", 60, "gpu_stages:stage_op", "op fwd+bwd: Infini vs local only vs flash full causal; SDPA kernel"),
+    Stage("drift", 30, "gpu_stages:stage_drift", "bf16 op's memory and output against float64, 8K and 128K"),
+    Stage("tests", 60, "gpu_stages:stage_tests", "pytest -m gpu", needs="megatron"),
+    Stage("train", 130, "gpu_train_stages:stage_train", "1B preset at 32K: Infini vs local only", needs="megatron"),
+    Stage("compile", 80, "gpu_train_stages:stage_compile", "Inductor-compiled training vs eager", needs="megatron"),
+    Stage("multigpu", 120, "gpu_train_stages:stage_multigpu", "TP=2+SP, CP=2, ZeRO-1 DP=2 vs 1 GPU",
+          needs="megatron,gpus2"),
+    Stage("stream", 40, "gpu_stages:stage_stream", "streaming prefill of 1M tokens, 1B model", needs="megatron"),
+)
+OPTIONAL = (
+    Stage("resume", 60, "gpu_train_stages:stage_resume", "4 steps vs 2 + save + resume", needs="megatron"),
+)
+ALL = {s.name: s for s in STAGES + OPTIONAL}
+
+
+def plan_text(stages, budget_s: float) -> str:
+    total = sum(s.cap_s for s in stages)
+    lines = [f"{'stage':<9} {'cap s':>6}  {'needs':<15} what"]
+    lines += [f"{s.name:<9} {s.cap_s:>6.0f}  {s.needs or '-':<15} {s.what}" for s in stages]
+    rest = [s.name for s in ALL.values() if s not in stages]
+    lines.append(f"total of caps {total:.0f} s {'<=' if total <= budget_s else '>'} budget {budget_s:.0f} s"
+                 + (f"; not selected: {', '.join(rest)} (--only)" if rest else ""))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- report
+def write_report(report: dict, dirs) -> None:
+    """gpu_check.json and gpu_check.md into each of `dirs` (atomic replace)."""
+    md = markdown(report)
+    for d in dirs:
+        for name, text in (("gpu_check.json", json.dumps(report, indent=1)), ("gpu_check.md", md)):
+            tmp = os.path.join(d, f".{name}.tmp")
+            with open(tmp, "w") as fh:
+                fh.write(text)
+            os.replace(tmp, os.path.join(d, name))
+
+
+def markdown(report: dict) -> str:
+    head = (f"## gpu_check: {report['device']}, torch {report['torch']}, {report['started']}, "
+            f"{report['elapsed_s']:.0f} s of {report['budget_s']:.0f} s budget\n\n"
+            "| stage | cap s | status | time s | peak GPU GiB | what | result |\n|---|---:|---|---:|---:|---|---|\n")
+    lines = []
+    for st in report["stages"]:
+        peak = "" if st.get("peak_gpu_gib") is None else f"{st['peak_gpu_gib']:.1f}"
+        first = (st["name"], f"{st['cap_s']:.0f}", st["status"], f"{st.get('seconds', 0):.0f}", peak)
+        rows = st.get("rows") or [{"what": st.get("reason", ""), "result": ""}]
+        for i, row in enumerate(rows):
+            cells = first if i == 0 else ("", "", "", "", "")
+            lines.append("| " + " | ".join((*cells, row["what"], row["result"])) + " |")
+        if st.get("reason") and st.get("rows"):
+            lines.append("| " + " | ".join(("", "", "", "", "", "reason", st["reason"])) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- runner
 class Runner:
-    def __init__(self, budget_s: float, out: str, dry_run: bool):
-        self.deadline = time.monotonic() + budget_s
-        self.out, self.dry_run = out, dry_run
-        self.rows = []  # (stage, what, result)
+    """Runs stages in child processes under their caps and rewrites the report after each."""
+
+    def __init__(self, stages, budget_s: float, work: str, report_dirs, smoke: bool, env_info: dict):
+        self.stages, self.budget_s, self.work, self.smoke = stages, budget_s, work, smoke
+        self.report_dirs = report_dirs
+        self.t0 = time.monotonic()
+        self.report = dict(env_info, budget_s=budget_s, elapsed_s=0.0, smoke=smoke,
+                           started=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                           caps_total_s=sum(s.cap_s for s in stages), stages=[])
 
     def left(self) -> float:
-        return self.deadline - time.monotonic()
+        return self.budget_s - (time.monotonic() - self.t0)
 
-    def run(self, name: str, cmd, cap_s: float, need_s: float = 20.0):
-        """Run cmd (logged to OUT/name.log) with a limit of min(cap, time left); None when skipped."""
-        log = os.path.join(self.out, f"{name}.log")
-        if self.dry_run:
-            print(f"[gpu_check] {name}: {' '.join(cmd)}  (limit {cap_s:.0f} s)")
-            return None
-        if self.left() < need_s:
-            self.rows.append((name, "skipped", f"not enough time left ({self.left():.0f} s)"))
-            return None
-        limit = max(1.0, min(cap_s, self.left()))
+    def unmet(self, stage: Stage) -> Optional[str]:
+        needs = set(filter(None, stage.needs.split(",")))
+        if "megatron" in needs:
+            missing = [m for m in ("megatron.core", "deepspeed") if not _importable(m)]
+            if missing:
+                return f"{', '.join(missing)} not importable (carry wheels: tools/gpu_wheels.sh)"
+        if "gpus2" in needs and not self.smoke and self.report["gpus"] < 2:
+            return f"{self.report['gpus']} GPU visible, needs 2 (torchrun with nccl)"
+        return None
+
+    def run_all(self) -> dict:
+        for stage in self.stages:
+            entry = dict(name=stage.name, cap_s=stage.cap_s, what=stage.what, status="skipped", rows=[])
+            reason = self.unmet(stage)
+            if reason is None and stage.cap_s > self.left():
+                reason = f"its cap {stage.cap_s:.0f} s does not fit in the {self.left():.0f} s left of the budget"
+            if reason:
+                entry["reason"] = reason
+            else:
+                entry.update(self.run_stage(stage))
+            print(f"[gpu_check] {stage.name}: {entry['status']} after {entry.get('seconds', 0):.0f} s"
+                  + (f" ({entry['reason']})" if entry.get("reason") else ""), flush=True)
+            self.report["stages"].append(entry)
+            self.report["elapsed_s"] = time.monotonic() - self.t0
+            write_report(self.report, self.report_dirs)
+        return self.report
+
+    def run_stage(self, stage: Stage) -> dict:
+        out = os.path.join(self.work, stage.name)
+        os.makedirs(out, exist_ok=True)
+        result, log = os.path.join(out, "result.json"), os.path.join(out, "stage.log")
+        deadline = time.time() + stage.cap_s
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", stage.fn, "--result", result,
+               "--stage-dir", out, "--deadline", f"{deadline:.3f}"] + (["--smoke"] if self.smoke else [])
         t0 = time.monotonic()
         with open(log, "w") as fh:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=fh, stderr=subprocess.STDOUT,
+                                    start_new_session=True)  # its own process group: killed whole at the cap
             try:
-                proc = subprocess.run(cmd, cwd=REPO, env=ENV, stdout=fh, stderr=subprocess.STDOUT, timeout=limit)
-                code = proc.returncode
+                code = proc.wait(timeout=stage.cap_s)
             except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
                 code = "timeout"
-        print(f"[gpu_check] {name}: exit {code} after {time.monotonic() - t0:.0f} s (log {log})", flush=True)
-        return code
-
-    def add(self, stage: str, what: str, result: str) -> None:
-        self.rows.append((stage, what, result))
-
-
-def stage_tests(r: Runner) -> None:
-    code = r.run("tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                           "tests/"], cap_s=120)
-    if code is None:
-        return
-    tail = open(os.path.join(r.out, "tests.log")).read().strip().splitlines()
-    summary = next((l for l in reversed(tail) if " passed" in l or " failed" in l or " error" in l), "no summary")
-    r.add("tests", "pytest -m gpu", ("PASS " if code == 0 else "FAIL ") + summary.strip("= "))
-
-
-def stage_op(r: Runner, peak) -> None:
-    js = os.path.join(r.out, "op.json")
-    code = r.run("op", [sys.executable, "tools/bench_attention.py", "--device", "cuda", "--dtype", "bf16",
-                        "--impls", "fast,full", "--lengths", "8192,32768,131072", "--updates", "linear,delta",
-                        "--heads", "32", "--kv-heads", "8", "--head-dim", "64", "--segment", "2048",
-                        "--repeats", "5", "--budget-s", "40", "--json", js], cap_s=180)
-    if code is None:
-        return
-    if code != 0 or not os.path.exists(js):
-        r.add("op", "bench_attention (bf16, 32 q / 8 kv heads, d 64, segment 2048)", f"FAILED ({code})")
-        return
-    data = json.load(open(js))
-    rate = peak or data["matmul_flops_per_s"]
-    for s in sorted({x["s"] for x in data["results"]}):
-        full = next((x for x in data["results"] if x["s"] == s and x["impl"] == "full"), None)
-        for x in (x for x in data["results"] if x["s"] == s and x["impl"] == "fast"):
-            ratio = statistics.median(f / t for f, t in zip(full["times_s"], x["times_s"])) if full else None
-            r.add("op", f"{s // 1024}K {x['update']}: fast / flash full causal (fwd+bwd)",
-                  f"{x['time_s'] * 1e3:.1f} ms vs {full['time_s'] * 1e3:.1f} ms: full / fast = {ratio:.1f}x; "
-                  f"{100 * x['flops_per_s'] / rate:.0f}% vs {100 * full['flops_per_s'] / rate:.0f}% of peak"
-                  if full else f"{x['time_s'] * 1e3:.1f} ms (full attention missing)")
+        got = json.load(open(result)) if os.path.exists(result) else {}
+        entry = dict(seconds=time.monotonic() - t0, rows=got.get("rows", []), metrics=got.get("metrics", {}),
+                     peak_gpu_gib=got.get("peak_gpu_gib"), log=log)
+        if code == "timeout":
+            entry.update(status="timeout", reason=f"killed at its cap of {stage.cap_s:.0f} s (rows so far kept)")
+        elif got.get("skipped"):
+            entry.update(status="skipped", reason=got["skipped"])
+        elif code != 0:
+            entry.update(status="error", reason=got.get("error") or f"exit {code}; log tail: {_tail(log)}")
+        else:
+            entry["status"] = "fail" if any(r.get("ok") is False for r in entry["rows"]) else "pass"
+        if entry["status"] in ("error", "fail", "timeout"):
+            entry["log_tail"] = _tail(log, 40)
+        return entry
 
 
-def _train_cmd(run_dir: str, seq: int, micro: int, *extra: str):
-    return [sys.executable, "-m", "megatron_infini.train", "--config", LLAMA_1B, f"run_dir={run_dir}",
-            "train.steps=10", f"train.seq_length={seq}", f"train.micro_batch_size={micro}",
-            f"train.global_batch_size={micro}", "train.eval_interval=0", f"model.vocab_size={VOCAB}",
-            "optimizer.warmup_steps=2", "checkpoint.save_at_end=false", "checkpoint.save_interval=0",
-            "logging.wandb_mode=disabled", "logging.progress_bar=false", "data.train_data=", "data.valid_data=",
-            "data.tokenizer=", *extra]
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
-def _metrics(run_dir: str):
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    return [json.loads(l) for l in open(path) if l.strip() and json.loads(l).get("kind") != "event"]
+def _env() -> dict:
+    path = os.pathsep.join(filter(None, [REPO, TOOLS, os.environ.get("PYTHONPATH", "")]))
+    return dict(os.environ, PYTHONPATH=path, WANDB_MODE="disabled", PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
 
 
-def _oom(r: Runner, name: str) -> bool:
-    path = os.path.join(r.out, f"{name}.log")
-    return os.path.exists(path) and "out of memory" in open(path, errors="replace").read().lower()
+def _tail(path: str, n: int = 5) -> str:
+    try:
+        return "\n".join(open(path, errors="replace").read().strip().splitlines()[-n:])
+    except OSError:
+        return ""
 
 
-def stage_train(r: Runner, peak, gpu_gib: float) -> None:
-    """10 steps per length; a run that runs out of GPU memory is retried once with full layer
-    recomputation, and reported as not fitting when that fails too."""
-    from launch.memory import estimate_memory_gb
-    from megatron_infini.training.config import load_config
+# ----------------------------------------------------------------------------- worker
+def run_worker(a) -> int:
+    """In the stage's process: call the stage function ("module:function"); its rows are saved as they come."""
+    sys.path.insert(0, TOOLS)
+    from gpu_stages import StageContext, StageSkipped
 
-    for seq, micro in ((4096, 4), (32768, 1)):
-        what = f"1B preset, {seq // 1024}K tokens x micro batch {micro}, ZeRO-1, 10 steps"
-        for recompute in (False, True):
-            cfg = load_config(LLAMA_1B, [f"model.vocab_size={VOCAB}", f"train.seq_length={seq}",
-                                         f"model.recompute_layers={str(recompute).lower()}"])
-            est = estimate_memory_gb(cfg.model, cfg.parallel, 1, micro, seq, 1, "bf16")
-            name = f"train_{seq // 1024}k" + ("_recompute" if recompute else "")
-            run_dir = os.path.join(r.out, name)
-            code = r.run(name, _train_cmd(run_dir, seq, micro, f"model.recompute_layers={str(recompute).lower()}"),
-                         cap_s=150, need_s=60)
-            if code is None or code == 0 or not _oom(r, name) or recompute:
-                break
-        if code is None:
-            continue
-        steps = _metrics(run_dir)
-        if code != 0 or len(steps) < 4:
-            why = f"does not fit in {gpu_gib:.0f} GiB (CUDA out of memory, also with full recompute)" if _oom(r, name) \
-                else f"FAILED ({code}), {len(steps)} steps logged"
-            r.add("train", what, f"{why}; estimate {est:.1f} GiB")
-            continue
-        late = steps[3:]  # steps 4..10: past compilation and allocator warm-up
-        tps = statistics.median(s["tokens_per_s"] for s in late)
-        tflops = statistics.median(s["tflops_per_gpu"] for s in late)
-        mfu = f"MFU {100 * tflops * 1e12 / peak:.1f}%" if peak else f"{tflops:.0f} TFLOP/s (peak unknown)"
-        mem = max(s["peak_mem_gb"] for s in steps)
-        setup = [l.split("[train] ", 1)[1].strip() for l in open(os.path.join(r.out, f"{name}.log"), errors="replace")
-                 if "[train] precision" in l]
-        what += f" [{setup[0]}]" if setup else ""
-        r.add("train", what + (" (full recompute: OOM without)" if recompute else ""),
-              f"{tps:,.0f} tokens/s, {tflops:.0f} TFLOP/s, {mfu}; peak {mem:.1f} GiB (estimate {est:.1f}); "
-              f"loss {steps[0]['loss']:.2f} -> {steps[-1]['loss']:.2f}")
+    ctx = StageContext(stage_dir=a.stage_dir, result_path=a.result, deadline=a.deadline, smoke=a.smoke)
+    module, fn = a.worker.split(":")
+    func: Callable = getattr(importlib.import_module(module), fn)
+    try:
+        ctx.reset_peak()
+        func(ctx)
+    except StageSkipped as e:
+        ctx.skipped = str(e)
+    except Exception as e:  # the report says what broke; the process exits non-zero
+        traceback.print_exc()
+        ctx.error = f"{type(e).__name__}: {e}"[:2000]
+        ctx.flush()
+        return 1
+    ctx.flush()
+    return 0
 
 
-def stage_resume(r: Runner) -> None:
-    debug = os.path.join(REPO, "configs", "debug.yaml")
-    base = [sys.executable, "-m", "megatron_infini.train", "--config", debug, "logging.progress_bar=false",
-            "train.eval_interval=0", "deepspeed.zero_stage=1"]
-    straight, cut = os.path.join(r.out, "resume_straight"), os.path.join(r.out, "resume_cut")
-    for name, cmd in (("resume_straight", base + [f"run_dir={straight}", "train.steps=4", "checkpoint.save_at_end=false"]),
-                      ("resume_first", base + [f"run_dir={cut}", "train.steps=2"]),
-                      ("resume_second", base + [f"run_dir={cut}", "train.steps=4"])):
-        code = r.run(name, cmd, cap_s=120, need_s=30)
-        if code is None:
-            return
-        if code != 0:
-            r.add("resume", "debug model: 2 steps + save + resume to 4", f"FAILED in {name} ({code})")
-            return
-    a, b = _metrics(straight), _metrics(cut)
-    if len(a) != 4 or len(b) != 4 or [s["step"] for s in b] != [1, 2, 3, 4]:
-        r.add("resume", "debug model: 2 steps + save + resume to 4", f"FAILED: steps {[s['step'] for s in b]}")
-        return
-    diff = max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b))
-    r.add("resume", "debug model (bf16, ZeRO-1): 4 steps vs 2 + save + resume",
-          f"{'PASS' if diff < 1e-2 else 'CHECK'}: max |loss diff| {diff:.2e} over steps 1-4")
-
-
-def stage_stream(r: Runner) -> None:
-    js = os.path.join(r.out, "stream.json")
-    code = r.run("stream", [sys.executable, os.path.abspath(__file__), "--stream-worker", js], cap_s=150, need_s=60)
-    if code is None:
-        return
-    if code != 0 or not os.path.exists(js):
-        r.add("stream", "1B streaming prefill of 1M tokens", f"FAILED ({code})")
-        return
-    d = json.load(open(js))
-    r.add("stream", f"1B streaming prefill of {d['tokens']:,} tokens (bf16, chunks of {d['chunk']} tokens)",
-          f"{d['tokens_per_s']:,.0f} tokens/s, {d['seconds']:.1f} s; peak {d['peak_gib']:.1f} GiB "
-          f"(memory state {d['memory_mib']:.1f} MiB)")
-
-
-def stream_worker(out_path: str, tokens: int = 1 << 20) -> None:
-    """Random-weight 1B model in bf16, streamed 1M random tokens (StreamingLM)."""
+def environment(smoke: bool) -> dict:
     import torch
 
-    from megatron_infini.inference.loader import inference_session
-    from megatron_infini.inference.stream import StreamingLM, memory_numbers
-    from megatron_infini.training.config import load_config
-    from megatron_infini.training.model import build_model
-
-    with inference_session():
-        cfg = load_config(LLAMA_1B, [f"model.vocab_size={VOCAB}"])
-        model = build_model(cfg, VOCAB, bf16=True).eval()
-        lm = StreamingLM(model, chunk_segments=16)
-        g = torch.Generator().manual_seed(0)
-        pieces = (torch.randint(0, VOCAB, (1, lm.chunk), generator=g) for _ in range(tokens // lm.chunk))
-        lm.feed(torch.randint(0, VOCAB, (1, lm.chunk), generator=g))  # warm-up (not counted)
-        lm.reset()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        lm.feed(pieces)
-        torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        json.dump(dict(tokens=tokens, chunk=lm.chunk, seconds=dt, tokens_per_s=tokens / dt,
-                       peak_gib=torch.cuda.max_memory_allocated() / 2**30,
-                       memory_mib=memory_numbers(model) * 4 / 2**20), open(out_path, "w"))
+    cuda = torch.cuda.is_available()
+    gpus = torch.cuda.device_count() if cuda else 0
+    name = torch.cuda.get_device_name() if cuda else "CPU (smoke run)"
+    mem = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0.0
+    return dict(device=f"{gpus} x {name} ({mem:.0f} GiB)" if cuda else name, gpus=gpus,
+                torch=torch.__version__, cuda=torch.version.cuda, python=sys.version.split()[0])
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget-s", type=float, default=470.0, help="wall-clock budget of all stages (default 470)")
-    p.add_argument("--out", default=None, help="directory for logs and JSON (default: a new temporary one)")
-    p.add_argument("--only", default=",".join(STAGES), help=f"comma-separated subset of {STAGES}")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and run nothing (no GPU needed)")
-    p.add_argument("--stream-worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
+                   help=f"seconds for all stages (default {DEFAULT_BUDGET_S:.0f})")
+    p.add_argument("--out", default=None, help="directory for logs, runs and the report (default: a new temporary one)")
+    p.add_argument("--only", default=",".join(s.name for s in STAGES),
+                   help=f"comma-separated stages, run in value order; choose from {list(ALL)}")
+    p.add_argument("--dry-run", action="store_true", help="print the stages, caps and total; run nothing")
+    p.add_argument("--cpu-smoke", action="store_true", help="run the stages at toy sizes on CPU (tests the code)")
+    p.add_argument("--cap-scale", type=float, default=1.0,
+                   help="multiply every cap and the budget (e.g. 4 for --cpu-smoke on a slow CPU)")
+    for hidden in ("--worker", "--result", "--stage-dir"):
+        p.add_argument(hidden, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--deadline", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.stream_worker:
-        stream_worker(a.stream_worker)
-        return 0
-    stages = [s for s in a.only.split(",") if s]
-    bad = [s for s in stages if s not in STAGES]
+    if a.worker:
+        return run_worker(a)
+    names = [s for s in a.only.split(",") if s]
+    bad = [s for s in names if s not in ALL]
     if bad:
-        p.error(f"--only: unknown stage(s) {bad}; choose from {STAGES}")
-    import torch
-
-    if not torch.cuda.is_available() and not a.dry_run:
-        print("gpu_check: no CUDA device here (torch.cuda.is_available() is False): nothing to check")
-        return 0
-    out = a.out or tempfile.mkdtemp(prefix="gpu_check_")
-    os.makedirs(out, exist_ok=True)
-    r = Runner(a.budget_s, out, a.dry_run)
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
-    else:
-        name, gpu_gib = "no GPU (dry run)", 80.0
-    peak = nominal_peak(name)
-    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    t0 = time.monotonic()
-    for stage in stages:
-        if stage == "tests":
-            stage_tests(r)
-        elif stage == "op":
-            stage_op(r, peak)
-        elif stage == "train":
-            stage_train(r, peak, gpu_gib)
-        elif stage == "resume":
-            stage_resume(r)
-        elif stage == "stream":
-            stage_stream(r)
+        p.error(f"--only: unknown stage(s) {bad}; choose from {list(ALL)}")
+    stages = [replace(s, cap_s=s.cap_s * a.cap_scale) for s in STAGES + OPTIONAL if s.name in names]
+    a.budget_s *= a.cap_scale
     if a.dry_run:
+        print(plan_text(stages, a.budget_s))
         return 0
-    print(f"\n## gpu_check: {name} ({gpu_gib:.0f} GiB), torch {torch.__version__}, {started}, "
-          f"{time.monotonic() - t0:.0f} s; peak {'%.0f TFLOP/s bf16 dense' % (peak / 1e12) if peak else 'unknown'}\n")
-    print("| stage | what | result |\n|---|---|---|")
-    for stage, what, result in r.rows:
-        print(f"| {stage} | {what} | {result} |")
-    with open(os.path.join(out, "summary.json"), "w") as fh:
-        json.dump(dict(device=name, started=started, rows=r.rows), fh, indent=1)
-    print(f"\nlogs and JSON in {out}")
-    return 0 if not any(x[2].startswith(("FAIL", "FAILED")) for x in r.rows) else 1
+    info = environment(a.cpu_smoke)
+    if not info["gpus"] and not a.cpu_smoke:
+        print("gpu_check: no CUDA device here (torch.cuda.is_available() is False): nothing to check "
+              "(--cpu-smoke runs the stages' code at toy sizes on CPU)")
+        return 0
+    work = a.out or tempfile.mkdtemp(prefix="gpu_check_")
+    os.makedirs(work, exist_ok=True)
+    dirs = [work] + ([os.environ["OUT"]] if os.environ.get("OUT") and os.path.isdir(os.environ["OUT"]) else [])
+    print(plan_text(stages, a.budget_s), flush=True)
+    report = Runner(stages, a.budget_s, work, dirs, a.cpu_smoke, info).run_all()
+    print("\n" + markdown(report))
+    print(f"report: {', '.join(os.path.join(d, 'gpu_check.json') for d in dirs)}; logs and runs in {work}")
+    return 1 if any(s["status"] in ("fail", "error", "timeout") for s in report["stages"]) else 0
 
 
 if __name__ == "__main__":
