@@ -140,3 +140,11 @@ def test_cpu_smoke_runs_the_trainer_stages(tmp_path):
         ("tests", "compile", "multigpu", "stream", "resume"), "pass"), proc.stdout[-5000:]
     assert len(st["multigpu"]["rows"]) == 4 and all(r.get("ok", True) for r in st["multigpu"]["rows"])
     assert proc.returncode == 0
+
+
+def test_train_stage_recomputes_only_where_the_estimate_does_not_fit():
+    from gpu_train_stages import LLAMA_1B, VOCAB, needs_recompute
+
+    model = [f"model.vocab_size={VOCAB}"]
+    assert not needs_recompute(LLAMA_1B, model, 32768, gpu_gib=1000.0)
+    assert needs_recompute(LLAMA_1B, model, 32768, gpu_gib=8.0)

@@ -62,10 +62,10 @@ class Stage:
 STAGES = (
     Stage("op", 60, "gpu_stages:stage_op", "op fwd+bwd: Infini vs local only vs flash full causal; SDPA kernel"),
     Stage("drift", 30, "gpu_stages:stage_drift", "bf16 op's memory and output against float64, 8K and 128K"),
-    Stage("tests", 60, "gpu_stages:stage_tests", "pytest -m gpu", needs="megatron"),
+    Stage("tests", 50, "gpu_stages:stage_tests", "pytest -m gpu", needs="megatron"),
     Stage("train", 130, "gpu_train_stages:stage_train", "1B preset at 32K: Infini vs local only", needs="megatron"),
-    Stage("compile", 80, "gpu_train_stages:stage_compile", "Inductor-compiled training vs eager", needs="megatron"),
-    Stage("multigpu", 120, "gpu_train_stages:stage_multigpu", "TP=2+SP, CP=2, ZeRO-1 DP=2 vs 1 GPU",
+    Stage("compile", 100, "gpu_train_stages:stage_compile", "Inductor-compiled training vs eager", needs="megatron"),
+    Stage("multigpu", 110, "gpu_train_stages:stage_multigpu", "TP=2+SP, CP=2, ZeRO-1 DP=2 vs 1 GPU",
           needs="megatron,gpus2"),
     Stage("stream", 40, "gpu_stages:stage_stream", "streaming prefill of 1M tokens, 1B model", needs="megatron"),
 )

@@ -60,6 +60,11 @@ class StageContext:
             self.peak_max = self.stage_peak()
             torch.cuda.reset_peak_memory_stats()
 
+    def note_peak(self, gib: float) -> None:
+        """A child process's peak GPU memory (a trainer run's peak_mem_gb) counts to the stage's."""
+        if not self.smoke:
+            self.peak_max = max(gib, self.peak_max or 0.0)
+
     def stage_peak(self) -> Optional[float]:
         now = self.peak_gib()
         return self.peak_max if now is None else max(now, self.peak_max or 0.0)
