@@ -73,6 +73,8 @@ def test_runner_saves_the_report_after_every_stage(tmp_path, monkeypatch):
     assert _report(work)[0] == report
     md = open(out / "gpu_check.md").read()
     assert all(f"| {name} |" in md for name in st)
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert all(len(re.split(r"(?<!\\)\|", line)) == 9 for line in table), md  # 7 cells, pipes in text escaped
 
 
 def test_cpu_smoke_runs_the_op_drift_and_train_stages(tmp_path):

@@ -108,10 +108,14 @@ def markdown(report: dict) -> str:
         rows = st.get("rows") or [{"what": st.get("reason", ""), "result": ""}]
         for i, row in enumerate(rows):
             cells = first if i == 0 else ("", "", "", "", "")
-            lines.append("| " + " | ".join((*cells, row["what"], row["result"])) + " |")
+            lines.append(_md_row(*cells, row["what"], row["result"]))
         if st.get("reason") and st.get("rows"):
-            lines.append("| " + " | ".join(("", "", "", "", "", "reason", st["reason"])) + " |")
+            lines.append(_md_row("", "", "", "", "", "reason", st["reason"]))
     return head + "\n".join(lines) + "\n"
+
+
+def _md_row(*cells: str) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " / ") for c in cells) + " |"
 
 
 # ----------------------------------------------------------------------------- runner
