@@ -186,22 +186,22 @@ def stage_op(ctx: StageContext) -> None:
             return statistics.median(x / y for x, y in zip(times[a], times[bb]))
 
         full, local = ("full", "-"), ("local", "-")
+        full_flops = 3.5 * causal_attention_flops(s, b, hq, d, d)  # fwd + bwd
         for case in cases[:2]:
             flops = 3.5 * infini_attention_flops(s, b, hq, hkv, d, d, N, case[1])  # fwd + bwd (2.5x fwd)
             nums = dict(s=s, update=case[1], ms=med[case] * 1e3, local_ms=med[local] * 1e3, full_ms=med[full] * 1e3,
                         tokens_per_s=b * s / med[case], local_tokens_per_s=b * s / med[local],
                         full_over_fast=ratio(full, case), fast_over_local=ratio(case, local),
-                        tflops=flops / med[case] / 1e12, peak_gib=peak[case], local_peak_gib=peak[local],
+                        tflops=flops / med[case] / 1e12, full_tflops=full_flops / med[full] / 1e12, peak_gib=peak[case], local_peak_gib=peak[local],
                         full_peak_gib=peak[full], sdpa=kernels[case], full_sdpa=kernels[full])
             math_used = "math" in kernels[case] or "math" in kernels[local]
             ctx.row(f"op {length(s)} {case[1]} ({c['dtype']}, {hq}/{hkv} heads, d {d}, segment {N})",
                     f"Infini {nums['ms']:.1f} ms ({nums['tokens_per_s']:,.0f} tok/s, {nums['tflops']:.3g} TFLOP/s); "
                     f"local only {nums['local_ms']:.1f} ms: Infini/local {nums['fast_over_local']:.2f}x; "
-                    f"full causal {nums['full_ms']:.1f} ms: full/Infini {nums['full_over_fast']:.1f}x; "
+                    f"full causal {nums['full_ms']:.1f} ms ({nums['full_tflops']:.3g} TFLOP/s): full/Infini {nums['full_over_fast']:.1f}x; "
                     f"SDPA {'+'.join(kernels[case]) or 'none'} (full: {'+'.join(kernels[full]) or 'none'})"
                     + (f"; peak {peak[case]:.1f} GiB (full {peak[full]:.1f})" if peak[case] is not None else ""),
                     ok=not math_used, **nums)
-        ctx.metrics[f"full_attention_flops_{s}"] = 3.5 * causal_attention_flops(s, b, hq, d, d)
         del q, k, v, gate
 
 
