@@ -38,7 +38,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass, replace
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TOOLS)

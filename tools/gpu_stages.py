@@ -136,6 +136,8 @@ def _op_step(impl: str, q, k, v, gate, N: int, update: str):
 
     from megatron_infini.ops import infini_attention, local_attention
 
+    for t in (q, k, v, gate):
+        t.grad = None  # every case starts without gradients (same peak memory whatever ran before)
     if impl == "fast":
         out, _ = infini_attention(q, k, v, gate, segment_length=N, update=update)
     elif impl == "local":
@@ -192,13 +194,15 @@ def stage_op(ctx: StageContext) -> None:
             nums = dict(s=s, update=case[1], ms=med[case] * 1e3, local_ms=med[local] * 1e3, full_ms=med[full] * 1e3,
                         tokens_per_s=b * s / med[case], local_tokens_per_s=b * s / med[local],
                         full_over_fast=ratio(full, case), fast_over_local=ratio(case, local),
-                        tflops=flops / med[case] / 1e12, full_tflops=full_flops / med[full] / 1e12, peak_gib=peak[case], local_peak_gib=peak[local],
-                        full_peak_gib=peak[full], sdpa=kernels[case], full_sdpa=kernels[full])
+                        tflops=flops / med[case] / 1e12, full_tflops=full_flops / med[full] / 1e12,
+                        peak_gib=peak[case], local_peak_gib=peak[local], full_peak_gib=peak[full],
+                        sdpa=kernels[case], full_sdpa=kernels[full])
             math_used = "math" in kernels[case] or "math" in kernels[local]
             ctx.row(f"op {length(s)} {case[1]} ({c['dtype']}, {hq}/{hkv} heads, d {d}, segment {N})",
                     f"Infini {nums['ms']:.1f} ms ({nums['tokens_per_s']:,.0f} tok/s, {nums['tflops']:.3g} TFLOP/s); "
                     f"local only {nums['local_ms']:.1f} ms: Infini/local {nums['fast_over_local']:.2f}x; "
-                    f"full causal {nums['full_ms']:.1f} ms ({nums['full_tflops']:.3g} TFLOP/s): full/Infini {nums['full_over_fast']:.1f}x; "
+                    f"full causal {nums['full_ms']:.1f} ms ({nums['full_tflops']:.3g} TFLOP/s): "
+                    f"full/Infini {nums['full_over_fast']:.1f}x; "
                     f"SDPA {'+'.join(kernels[case]) or 'none'} (full: {'+'.join(kernels[full]) or 'none'})"
                     + (f"; peak {peak[case]:.1f} GiB (full {peak[full]:.1f})" if peak[case] is not None else ""),
                     ok=not math_used, **nums)
@@ -285,8 +289,9 @@ def stage_tests(ctx: StageContext) -> None:
     log = os.path.join(ctx.stage_dir, "pytest.log")
     with open(log, "w") as fh:
         try:
-            code = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, timeout=max(1, ctx.left() - 3),
-                                  env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "4"))).returncode
+            env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "4"))
+            code = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                  timeout=max(1, ctx.left() - 3)).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
     lines = open(log, errors="replace").read().strip().splitlines()

@@ -163,7 +163,8 @@ def stage_compile(ctx: StageContext) -> None:
     tps = late(comp, "tokens_per_s")
     ctx.row(f"train.compile=true vs eager ({steps} steps, {'debug' if ctx.smoke else '2 x 1024, 8K tokens'})",
             f"max |loss diff| {diff:.1e} (tol {tol:.0e}); step {t_c * 1e3:.0f} ms compiled vs {t_e * 1e3:.0f} ms eager "
-            f"({t_e / t_c:.2f}x, {tps:,.0f} tokens/s); first step {comp[0]['step_time_s']:.1f} s vs {eager[0]['step_time_s']:.1f} s",
+            f"({t_e / t_c:.2f}x, {tps:,.0f} tokens/s); first step {comp[0]['step_time_s']:.1f} s vs "
+            f"{eager[0]['step_time_s']:.1f} s",
             ok=diff <= tol, loss_diff=diff, step_s=t_c, tokens_per_s=tps, eager_step_s=t_e, speedup=t_e / t_c,
             first_step_s=comp[0]["step_time_s"], eager_first_step_s=eager[0]["step_time_s"])
 
