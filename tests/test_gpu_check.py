@@ -150,3 +150,29 @@ def test_train_stage_recomputes_only_where_the_estimate_does_not_fit():
     model = [f"model.vocab_size={VOCAB}"]
     assert not needs_recompute(LLAMA_1B, model, 32768, gpu_gib=1000.0)
     assert needs_recompute(LLAMA_1B, model, 32768, gpu_gib=8.0)
+
+
+def test_gpu_check_sh_installs_carried_wheels_and_passes_the_rest_of_the_budget(tmp_path):
+    """With a stand-in python that has CUDA but no megatron-core: the wheels in .whl are installed
+    into /tmp/gpu_check_site (put on PYTHONPATH), and gpu_check.py gets 540 s less the time spent
+    and 10 s of margin as its budget; a budget given on the command line is kept."""
+    repo = tmp_path / "repo"
+    (repo / "tools").mkdir(parents=True)
+    (repo / ".whl").mkdir()
+    (repo / ".whl" / "x-1-py3-none-any.whl").write_text("")
+    script = repo / "tools" / "gpu_check.sh"
+    script.write_text(open(os.path.join(REPO, "tools", "gpu_check.sh")).read())
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\ncase "$*" in\n  *cuda.is_available*) exit 0 ;;\n  *megatron.core*) exit 1 ;;\n'
+                    '  *) echo "CALLED $* PYTHONPATH=$PYTHONPATH" ;;\nesac\n')
+    fake.chmod(0o755)
+    env = dict(ENV, PYTHON=str(fake), PATH="/usr/bin:/bin")
+    out = subprocess.run(["bash", str(script), "--only", "op"], cwd=repo, env=env, capture_output=True, text=True,
+                         check=True).stdout
+    calls = [line for line in out.splitlines() if line.startswith("CALLED")]
+    assert "-m pip install" in calls[0] and "--no-index" in calls[0] and "--target /tmp/gpu_check_site" in calls[0]
+    budget = int(re.search(r"tools/gpu_check.py --budget-s (\d+) --only op", calls[1]).group(1))
+    assert 520 <= budget <= 530 and calls[1].rstrip().endswith(":/tmp/gpu_check_site"), calls
+    out = subprocess.run(["bash", str(script), "--budget-s", "100"], cwd=repo, env=env, capture_output=True,
+                         text=True, check=True).stdout
+    assert "tools/gpu_check.py --budget-s 100 PYTHONPATH" in out, out
