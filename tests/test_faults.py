@@ -1,0 +1,86 @@
+"""Faults real clusters have (docs/faults.md), each injected into the real trainer: detected,
+reported, and recovered from with nothing lost.
+
+Hooks: MEGATRON_INFINI_FAULT (megatron_infini/training/faults.py, checkpointing/manager.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from train_utils import DEBUG_CONFIG, REPO, read_metrics, train
+
+FAST = ["train.eval_interval=0", "train.steps=6"]
+
+
+def _tensors(ckpt_dir: str, tmp_path) -> dict:
+    """Every tensor of a checkpoint's model/ directory (weights and optimizer state), one process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp_path / f"{os.path.basename(ckpt_dir)}.pt"
+    dcp_to_torch_save(os.path.join(ckpt_dir, "model"), str(out))
+    return {k: v for k, v in torch.load(out).items() if isinstance(v, torch.Tensor)}
+
+
+def _events(run_dir, name):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        recs = [json.loads(line) for line in fh if line.strip()]
+    return [r for r in recs if r.get("kind") == "event" and r["event"] == name]
+
+
+def test_nonfinite_steps_are_skipped_on_every_rank_and_never_saved(tmp_path):
+    """NaN loss on rank 1 only at step 3: both ranks skip it (weights, Adam moments and Adam's
+    step count equal those after step 2); NaN at steps 5-6 on every rank with
+    max_consecutive_skips=2 stops the run with exit code 3 at step 6, unsaved (step 5's checkpoint
+holds step 4's weights).
+    ZeRO 0, where DeepSpeed itself checks nothing: the guard is the only defence."""
+    run_dir = str(tmp_path / "run")
+    run = train(run_dir, *FAST, "deepspeed.zero_stage=0", "checkpoint.save_interval=1", "checkpoint.keep_last=0",
+                "train.max_consecutive_skips=2", env={"MEGATRON_INFINI_FAULT": "nan_loss@3:1,nan_loss@5-6"})
+    assert run.returncode != 0, run.output[-3000:]
+    assert "2 steps in a row (up to step 6) had a non-finite loss" in run.output, run.output[-3000:]
+    assert "exitcode  : 3" in run.output or "exit code 3" in run.output or "exitcode: 3" in run.output.replace(" ", ""), \
+        run.output[-3000:]
+    steps = read_metrics(run_dir)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert [r["skipped_steps"] for r in steps] == [0, 0, 1, 1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps if r["step"] in (1, 2, 4))
+    assert _events(run_dir, "nonfinite_stop")[0]["step"] == 6
+    ckpts = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
+    assert [c for c in ckpts if c.startswith("iter_")] == [f"iter_{s:07d}" for s in range(1, 6)]
+    ck = lambda s: os.path.join(run_dir, "checkpoints", f"iter_{s:07d}")  # noqa: E731
+    after2, after3, after4, after5 = (_tensors(ck(s), tmp_path) for s in (2, 3, 4, 5))
+    assert any(k.startswith("optimizer.exp_avg.") for k in after3)
+    assert after3.keys() == after2.keys()
+    assert [k for k in after2 if not torch.equal(after2[k], after3[k])] == []  # the skipped step changed nothing
+    assert any(not torch.equal(after3[k], after4[k]) for k in after3)  # step 4 trained
+    assert [k for k in after4 if not torch.equal(after4[k], after5[k])] == []
+    assert all(torch.isfinite(v).all() for v in after5.values() if v.is_floating_point())
+    meta = lambda s: json.load(open(os.path.join(ck(s), "meta.json")))["optimizer"]["step"]  # noqa: E731
+    assert (meta(2), meta(3), meta(4)) == (2, 2, 3)  # Adam's step count does not advance on a skip
+
+
+def test_non_finite_weights_are_refused_before_a_save(tmp_path):
+    """(The all-reduce that makes every rank agree is the guard's, shown on 2 ranks above.)"""
+    import torch.distributed as dist
+
+    from megatron_infini.training.faults import check_finite_weights
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = torch.nn.Linear(3, 2)
+        check_finite_weights(model, torch.device("cpu"), 7)  # finite: no error
+        with torch.no_grad():
+            model.weight[0, 0] = float("inf")
+        with pytest.raises(FloatingPointError, match="non-finite weights at step 7: not saving"):
+            check_finite_weights(model, torch.device("cpu"), 7)
+    finally:
+        dist.destroy_process_group()
