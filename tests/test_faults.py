@@ -84,3 +84,53 @@ def test_non_finite_weights_are_refused_before_a_save(tmp_path):
             check_finite_weights(model, torch.device("cpu"), 7)
     finally:
         dist.destroy_process_group()
+
+
+def _start(run_dir, *overrides, env=None) -> subprocess.Popen:
+    """`python -m megatron_infini train` (one rank) in the background, output to run_dir/../log."""
+    cmd = [sys.executable, "-m", "megatron_infini", "train", "--config", DEBUG_CONFIG, f"run_dir={run_dir}",
+           "logging.progress_bar=false", *overrides]
+    full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    full_env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONWARNINGS="ignore", **(env or {}))
+    log = open(f"{run_dir}.log", "w")
+    return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_signal_before_the_first_step_exits_75_at_once_without_writing(tmp_path):
+    """SIGUSR1 while importing, SIGTERM while loading a checkpoint (a slow load): exit 75 within
+    seconds, the previous checkpoint stays the latest, nothing new under checkpoints/."""
+    run_dir = str(tmp_path / "run")
+    assert train(run_dir, "train.steps=2", "train.eval_interval=0", nproc=0).returncode == 0
+    ckpts = os.path.join(run_dir, "checkpoints")
+    before = sorted(os.listdir(ckpts))
+    metrics = open(os.path.join(run_dir, "metrics.jsonl")).read()
+
+    proc = _start(run_dir, "train.steps=4")
+    time.sleep(0.5)  # the interpreter is importing torch and megatron
+    proc.send_signal(signal.SIGUSR1)
+    t0 = time.time()
+    assert proc.wait(timeout=60) == 75
+    importing_s = time.time() - t0
+
+    beat = os.path.join(run_dir, "heartbeat", "rank0")
+    os.remove(beat)
+    proc = _start(run_dir, "train.steps=4", env={"MEGATRON_INFINI_FAULT": "load_delay@60"})
+    _wait_for(lambda: os.path.exists(beat), 120, "the trainer to start")  # written just before the load
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.time()
+    assert proc.wait(timeout=30) == 75
+    loading_s = time.time() - t0
+    log = open(f"{run_dir}.log").read()
+    assert "SIGTERM while loading a checkpoint (before the first step): exiting 75 without a checkpoint" in log, log
+    assert importing_s < 5 and loading_s < 5, (importing_s, loading_s)
+    assert sorted(os.listdir(ckpts)) == before  # no new, partial or temporary checkpoint
+    assert open(os.path.join(run_dir, "metrics.jsonl")).read() == metrics
+    assert "loading a checkpoint" in open(os.path.join(run_dir, "REQUEUE")).read()
