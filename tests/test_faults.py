@@ -134,3 +134,75 @@ def test_signal_before_the_first_step_exits_75_at_once_without_writing(tmp_path)
     assert sorted(os.listdir(ckpts)) == before  # no new, partial or temporary checkpoint
     assert open(os.path.join(run_dir, "metrics.jsonl")).read() == metrics
     assert "loading a checkpoint" in open(os.path.join(run_dir, "REQUEUE")).read()
+
+
+def _steps_once(run_dir, steps: int) -> None:
+    """Every step 1..steps logged exactly once in metrics.jsonl (de-duplicated on resume)."""
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, steps + 1))
+
+
+@pytest.mark.slow  # ~100 s on 2 cores; the watchdog alone is tested below in seconds
+@pytest.mark.parametrize("timeout_s", [30])
+def test_frozen_rank_is_detected_reported_and_the_rerun_resumes(tmp_path, timeout_s):
+    """Rank 1 freezes (SIGSTOP) after step 3 of 8 on 2 ranks: rank 0's watchdog dumps its stacks,
+    names rank 1 and exits 4 within train.hang_timeout_s plus a few seconds; torchrun then
+    ends the job (the frozen rank gets SIGKILL after torchrun's 30 s shutdown wait). A rerun
+    resumes from the step-2 checkpoint and trains to the end, every step logged once."""
+    run_dir = str(tmp_path / "run")
+    args = ["train.steps=8", "train.eval_interval=0", "checkpoint.save_interval=2", f"train.hang_timeout_s={timeout_s}"]
+    t0 = time.time()
+    run = train(run_dir, *args, env={"MEGATRON_INFINI_FAULT": "sigstop@3:1"}, timeout=300)
+    job_s = time.time() - t0
+    out = run.output
+    assert run.returncode != 0, out[-3000:]
+    assert "rank 1 stops itself (SIGSTOP) after step 3" in out
+    assert f"[watchdog] rank 0: no step completed for" in out and "Python stacks of all threads" in out, out[-3000:]
+    assert 'File "' in out.split("Python stacks of all threads")[1]  # faulthandler's stack lines
+    assert "ranks that stopped reporting (frozen or dead): rank 1 on" in out, out[-3000:]
+    assert "hang at step 4" in out and "exitcode  : 4" in out, out[-3000:]
+    assert "step 4: ranks that stopped reporting (frozen or dead): rank 1" in open(os.path.join(run_dir, "HANG")).read()
+    assert "step 4 never completed; ranks at step 3: all" in out
+    print(f"frozen rank: job ended {job_s:.0f} s after start (hang_timeout_s={timeout_s})")
+    assert job_s < 90 + 60, job_s  # start-up (~20-40 s on a loaded 2-core machine) + detection + shutdown
+
+    rerun = train(run_dir, *args, timeout=300)
+    assert rerun.returncode == 0, rerun.output[-3000:]
+    assert [e["step"] for e in _events(run_dir, "start")] == [0, 2]
+    _steps_once(run_dir, 8)
+
+
+WATCHDOG_SCRIPT = """
+import json, os, sys, time
+from megatron_infini.training.watchdog import HangWatchdog
+run_dir = sys.argv[1]
+os.makedirs(os.path.join(run_dir, "heartbeat"), exist_ok=True)
+with open(os.path.join(run_dir, "heartbeat", "rank1"), "w") as fh:  # a rank frozen 60 s ago at step 6
+    json.dump({"step": 6, "time": time.time() - 60, "host": "node7", "pid": 4242}, fh)
+dog = HangWatchdog(run_dir, rank=0, world_size=2, timeout_s=1.0, first_timeout_s=1.0, step=5, interval_s=0.2).start()
+dog.beat(6)
+dog.beat(7)
+def stuck_in_a_collective():
+    time.sleep(30)
+stuck_in_a_collective()
+print("not reached")
+"""
+
+
+def test_watchdog_dumps_stacks_names_the_frozen_rank_and_exits_4(tmp_path):
+    """The watchdog alone, in one process (the 2-rank torchrun run above is slow)."""
+    run_dir = str(tmp_path / "run")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", WATCHDOG_SCRIPT, run_dir], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env=dict(os.environ, PYTHONPATH=REPO))
+    elapsed = time.time() - t0
+    assert proc.returncode == 4, proc.stderr
+    assert "not reached" not in proc.stdout and elapsed < 20
+    err = proc.stderr
+    assert "[watchdog] rank 0: no step completed for 1 s (limit 1 s" in err and "last completed step 7" in err, err
+    assert "in stuck_in_a_collective" in err  # the stack of the main thread, from faulthandler
+    assert ("hang at step 8: ranks that stopped reporting (frozen or dead): rank 1 on node7 pid 4242 "
+            "(last heartbeat 6") in err, err
+    assert "step 7 never completed; ranks at step 6: [1]" in err, err
+    beat = json.load(open(os.path.join(run_dir, "heartbeat", "rank0")))
+    assert beat["step"] == 7
+    assert open(os.path.join(run_dir, "HANG")).read().startswith("step 8: ranks that stopped reporting")

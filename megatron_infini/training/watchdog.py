@@ -1,9 +1,9 @@
 """Hang detection: a watchdog thread per rank and heartbeat files in the run directory.
 
-Every rank's watchdog thread rewrites `run_dir/heartbeat/rank{R}` every few seconds with the
-last step this rank completed and the time; the training loop calls `beat(step)` after each
-step. When no step completes within `train.hang_timeout_s` (`train.hang_timeout_first_step_s`
-for the first step of a job, which compiles and warms up), every live rank prints the Python
+Every rank rewrites `run_dir/heartbeat/rank{R}` with the last step it completed and the time:
+the training loop after each step (`beat(step)`), the watchdog thread every few seconds. When
+no step completes within `train.hang_timeout_s` (`train.hang_timeout_first_step_s` for the
+first step of a job, which compiles and warms up), every live rank prints the Python
 stack of all its threads to its log (faulthandler), rank 0 reads the heartbeat files and names
 the ranks that stopped writing (a frozen or dead process: its watchdog thread stopped too) and
 the lowest step completed, then every live rank exits with EXIT_HANG. run_dir is on a shared
@@ -95,6 +95,14 @@ class HangWatchdog:
 
     def beat(self, step: int) -> None:
         self.step, self.last_progress = step, time.monotonic()
+        if self.enabled:
+            self._write_quietly()
+
+    def _write_quietly(self) -> None:
+        try:
+            self._write()
+        except OSError:
+            pass  # a full or flaky filesystem must not kill training; the next beat retries
 
     def stop(self) -> None:
         self._stop.set()
@@ -107,10 +115,7 @@ class HangWatchdog:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            try:
-                self._write()
-            except OSError:
-                pass  # a full or flaky filesystem must not kill training; the next beat retries
+            self._write_quietly()
             allowed = self.first_timeout_s if self.step == self.started_at else self.timeout_s
             waited = time.monotonic() - self.last_progress
             if waited > allowed:
