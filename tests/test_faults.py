@@ -206,3 +206,28 @@ def test_watchdog_dumps_stacks_names_the_frozen_rank_and_exits_4(tmp_path):
     beat = json.load(open(os.path.join(run_dir, "heartbeat", "rank0")))
     assert beat["step"] == 7
     assert open(os.path.join(run_dir, "HANG")).read().startswith("step 8: ranks that stopped reporting")
+
+
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint_latest(tmp_path):
+    """ENOSPC in the middle of the step-4 save (after the step-2 one): the run fails naming the
+    error and the checkpoint that stays the latest; the half-written directory is not
+    published; a rerun resumes from step 2 and logs every step once."""
+    from megatron_infini.checkpointing import manager, manifest
+
+    run_dir = str(tmp_path / "run")
+    args = ["train.steps=4", "train.eval_interval=0", "checkpoint.save_interval=2"]
+    run = train(run_dir, *args, nproc=0, env={"MEGATRON_INFINI_FAULT": "save_enospc@4"})
+    assert run.returncode == 1, run.output[-3000:]
+    root = os.path.join(run_dir, "checkpoints")
+    assert (f"checkpoint save at step 4 failed ([Errno 28] No space left on device: '{root}/iter_0000004.tmp'); "
+            f"nothing was published: the latest checkpoint is still {root}/iter_0000002") in run.output, run.output[-3000:]
+    assert manager.complete_checkpoints(root) == [2] and manager.read_tracker(root) == 2
+    assert manager.resolve_checkpoint(run_dir) == os.path.join(root, "iter_0000002")
+    manifest.verify(os.path.join(root, "iter_0000002"))
+    assert os.path.isdir(os.path.join(root, "iter_0000004.tmp"))  # never looked at by resume
+
+    rerun = train(run_dir, *args, nproc=0)
+    assert rerun.returncode == 0, rerun.output[-3000:]
+    assert [e["step"] for e in _events(run_dir, "start")] == [0, 2]
+    assert manager.complete_checkpoints(root) == [4, 2] and not os.path.exists(os.path.join(root, "iter_0000004.tmp"))
+    _steps_once(run_dir, 4)

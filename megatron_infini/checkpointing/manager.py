@@ -80,9 +80,10 @@ def _save_delay() -> None:
         time.sleep(seconds)
 
 
-def _write_fault(tmp: str) -> None:
-    """Test hook MEGATRON_INFINI_FAULT=save_enospc (docs/faults.md): a full disk mid-save, on every rank."""
-    if "save_enospc" in os.environ.get("MEGATRON_INFINI_FAULT", "").split(","):
+def _write_fault(tmp: str, step: int) -> None:
+    """Test hook MEGATRON_INFINI_FAULT=save_enospc[@STEP] (docs/faults.md): a full disk mid-save, every rank."""
+    hooks = os.environ.get("MEGATRON_INFINI_FAULT", "").split(",")
+    if "save_enospc" in hooks or f"save_enospc@{step}" in hooks:
         with open(os.path.join(tmp, "trainer", f"partial_{_rank():05d}.bin"), "wb") as fh:
             fh.write(b"\0" * 4096)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp)
@@ -254,7 +255,7 @@ class CheckpointManager:
 
         optimizer_info, request = self._save_state(os.path.join(tmp, "model"), background)
         torch.save(trainer_state, os.path.join(tmp, "trainer", f"rank_{_rank():05d}.pt"))
-        _write_fault(tmp)
+        _write_fault(tmp, step)
         if _rank() == 0:
             self._write_meta(tmp, step, dict(meta, optimizer=optimizer_info))
         _save_delay()

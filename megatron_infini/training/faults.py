@@ -18,8 +18,9 @@ Test hook (keep out of production configs): MEGATRON_INFINI_FAULT, a comma-separ
 - `nan_loss@STEP` or `nan_loss@STEP:RANK`: the loss of step STEP (1-based, the step being run)
   is NaN on every rank or on rank RANK; `nan_loss@A-B` for steps A..B;
 - `sigstop@STEP:RANK`: rank RANK stops itself (SIGSTOP) after step STEP (a hung rank);
-- `save_enospc`: every rank fails the next checkpoint write with OSError(ENOSPC) after
-  writing part of it (a full disk; the hook is in checkpointing/manager.py);
+- `save_enospc` or `save_enospc@STEP`: every rank fails the checkpoint writes (of step STEP)
+  with OSError(ENOSPC) after writing part of them (a full disk; the hook is in
+  checkpointing/manager.py);
 - `load_delay@SECONDS`: sleep before reading a checkpoint (a slow load, to signal it).
 """
 
