@@ -231,3 +231,32 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint_latest(tmp_path):
     assert [e["step"] for e in _events(run_dir, "start")] == [0, 2]
     assert manager.complete_checkpoints(root) == [4, 2] and not os.path.exists(os.path.join(root, "iter_0000004.tmp"))
     _steps_once(run_dir, 4)
+
+
+def _cut_copy(tmp_path, suffix: str) -> str:
+    """A copy of the shipped training data with PREFIX.suffix cut to half its size."""
+    import shutil
+
+    from megatron_infini.data import SHAKESPEARE_TRAIN_PREFIX
+
+    prefix = str(tmp_path / suffix / "train")
+    os.makedirs(os.path.dirname(prefix))
+    for ext in (".bin", ".idx", ".json"):
+        shutil.copyfile(str(SHAKESPEARE_TRAIN_PREFIX) + ext, prefix + ext)
+    os.truncate(prefix + suffix, os.path.getsize(prefix + suffix) // 2)
+    return prefix
+
+
+def test_truncated_data_files_are_named_before_any_work(tmp_path):
+    """A cut .bin (in-process) and a cut .idx (the trainer: exit 2, one line, no traceback).
+    Missing data and data made with another tokenizer: tests/test_train.py."""
+    from megatron_infini.data.dataset import PackedDocumentDataset
+
+    prefix = _cut_copy(tmp_path, ".bin")
+    with pytest.raises(ValueError, match=rf"{prefix}.bin has \d+ bytes but {prefix}.idx describes \d+: the .bin is truncated"):
+        PackedDocumentDataset(prefix, seq_length=256)
+    prefix = _cut_copy(tmp_path, ".idx")
+    run = train(tmp_path / "run", f"data.train_data={prefix}", "data.valid_data=", nproc=0, timeout=120)
+    assert run.returncode == 2, run.output[-3000:]
+    assert f"error: {prefix}.idx is truncated: " in run.output and "Traceback" not in run.output, run.output[-3000:]
+    assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
