@@ -303,6 +303,7 @@ class Trainer:
                f"(train.max_consecutive_skips={self.cfg.train.max_consecutive_skips}); none was applied. The run "
                "diverged: lower optimizer.lr, check the data, or resume from an earlier checkpoint. No checkpoint "
                "was written")
+        self.ckpt.finish_pending(blocking=True)  # a background save of an earlier (finite) step
         logger.event("nonfinite_stop", step=self.step, consecutive=guard.consecutive)
         if self.rank == 0:
             print(f"megatron-infini train: stopping: {msg}", file=sys.stderr, flush=True)
