@@ -36,14 +36,15 @@ def _events(run_dir, name):
     return [r for r in recs if r.get("kind") == "event" and r["event"] == name]
 
 
-def test_nonfinite_steps_are_skipped_on_every_rank_and_never_saved(tmp_path):
+@pytest.mark.parametrize("zero", [0, pytest.param(2, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)])
+def test_nonfinite_steps_are_skipped_on_every_rank_and_never_saved(tmp_path, zero):
     """NaN loss on rank 1 only at step 3: both ranks skip it (weights, Adam moments and Adam's
     step count equal those after step 2); NaN at steps 5-6 on every rank with
     max_consecutive_skips=2 stops the run with exit code 3 at step 6, unsaved (step 5's checkpoint
 holds step 4's weights).
-    ZeRO 0, where DeepSpeed itself checks nothing: the guard is the only defence."""
+    ZeRO 0, where DeepSpeed itself checks nothing: the guard is the only defence (2 and 3: slow)."""
     run_dir = str(tmp_path / "run")
-    run = train(run_dir, *FAST, "deepspeed.zero_stage=0", "checkpoint.save_interval=1", "checkpoint.keep_last=0",
+    run = train(run_dir, *FAST, f"deepspeed.zero_stage={zero}", "checkpoint.save_interval=1", "checkpoint.keep_last=0",
                 "train.max_consecutive_skips=2", env={"MEGATRON_INFINI_FAULT": "nan_loss@3:1,nan_loss@5-6"})
     assert run.returncode != 0, run.output[-3000:]
     assert "2 steps in a row (up to step 6) had a non-finite loss" in run.output, run.output[-3000:]
@@ -266,3 +267,45 @@ def test_truncated_data_files_are_named_before_any_work(tmp_path):
     assert run.returncode == 2, run.output[-3000:]
     assert f"error: {prefix}.idx is truncated: " in run.output and "Traceback" not in run.output, run.output[-3000:]
     assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+
+
+FAKE_SLURM = {  # the Slurm commands the batch script calls, as shell stand-ins
+    "srun": '#!/bin/sh\necho "step $HANG_STEP: rank 1 stopped reporting" > "$RUN_DIR_FOR_TEST/HANG"\nexit 4\n',
+    "scontrol": ('#!/bin/sh\ncase "$1 $2" in\n"show hostnames") echo n1;;\n"show node") echo "NodeAddr=127.0.0.1";;\n'
+                 '"show job") echo "JobState=RUNNING PreemptTime=None";;\nrequeue*) echo requeue >> "$RUN_DIR_FOR_TEST/calls";;\n'
+                 'esac\n'),
+}
+
+
+def test_batch_script_requeues_a_hang_once_per_step_reached(tmp_path):
+    """slurm/train.sbatch with stand-ins for srun (a rank hangs: RUN_DIR/HANG, exit 4) and
+    scontrol: requeued the first time, not when it hangs again at the same step
+    (MAX_HANG_REQUEUES=1), requeued again for a hang at a later step (progress was made)."""
+    run_dir = tmp_path / "run"
+    script = subprocess.run([sys.executable, "-m", "launch", "submit", "--config", DEBUG_CONFIG, "--gpus-per-node", "0",
+                             "--cpus-per-task", "1", "--dry-run", f"run_dir={run_dir}"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120, check=True).stdout
+    (tmp_path / "job.sh").write_text(script)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in FAKE_SLURM.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    run_dir.mkdir()
+
+    def job(step: int) -> subprocess.CompletedProcess:
+        env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="7",
+                   SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="n1", RUN_DIR_FOR_TEST=str(run_dir),
+                   HANG_STEP=str(step), RDZV_PORT="29999")
+        return subprocess.run(["bash", str(tmp_path / "job.sh")], env=env, capture_output=True, text=True, timeout=120)
+
+    calls = lambda: (run_dir / "calls").read_text().split() if (run_dir / "calls").exists() else []  # noqa: E731
+    first = job(5)
+    assert first.returncode == 0 and calls() == ["requeue"], first.stdout + first.stderr
+    assert "hang (exit 4): step 5: rank 1 stopped reporting; hang requeue 1 of MAX_HANG_REQUEUES=1" in first.stdout
+    assert (run_dir / "HANG_REQUEUES").read_text().split() == ["1", "5"]
+    again = job(5)
+    assert again.returncode == 4 and calls() == ["requeue"], again.stdout + again.stderr
+    assert "hang again at step 5 after 1 requeue(s) without progress" in again.stdout
+    later = job(9)
+    assert later.returncode == 0 and calls() == ["requeue", "requeue"], later.stdout + later.stderr
