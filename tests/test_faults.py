@@ -280,7 +280,7 @@ FAKE_SLURM = {  # the Slurm commands the batch script calls, as shell stand-ins
 def test_batch_script_requeues_a_hang_once_per_step_reached(tmp_path):
     """slurm/train.sbatch with stand-ins for srun (a rank hangs: RUN_DIR/HANG, exit 4) and
     scontrol: requeued the first time, not when it hangs again at the same step
-    (MAX_HANG_REQUEUES=1), requeued again for a hang at a later step (progress was made)."""
+    (MAX_FAULT_REQUEUES=1), requeued again for a hang at a later step (progress was made)."""
     run_dir = tmp_path / "run"
     script = subprocess.run([sys.executable, "-m", "launch", "submit", "--config", DEBUG_CONFIG, "--gpus-per-node", "0",
                              "--cpus-per-task", "1", "--dry-run", f"run_dir={run_dir}"], cwd=REPO, capture_output=True,
@@ -302,10 +302,10 @@ def test_batch_script_requeues_a_hang_once_per_step_reached(tmp_path):
     calls = lambda: (run_dir / "calls").read_text().split() if (run_dir / "calls").exists() else []  # noqa: E731
     first = job(5)
     assert first.returncode == 0 and calls() == ["requeue"], first.stdout + first.stderr
-    assert "hang (exit 4): step 5: rank 1 stopped reporting; hang requeue 1 of MAX_HANG_REQUEUES=1" in first.stdout
-    assert (run_dir / "HANG_REQUEUES").read_text().split() == ["1", "5"]
+    assert "hang (exit 4): step 5: rank 1 stopped reporting; fault requeue 1 of MAX_FAULT_REQUEUES=1" in first.stdout
+    assert (run_dir / "FAULT_REQUEUES").read_text().split() == ["1", "5"]
     again = job(5)
     assert again.returncode == 4 and calls() == ["requeue"], again.stdout + again.stderr
-    assert "hang again at step 5 after 1 requeue(s) without progress" in again.stdout
+    assert "rank 1 stopped reporting: again at step 5 after 1 requeue(s) without progress" in again.stdout
     later = job(9)
     assert later.returncode == 0 and calls() == ["requeue", "requeue"], later.stdout + later.stderr
