@@ -36,15 +36,18 @@ def _events(run_dir, name):
     return [r for r in recs if r.get("kind") == "event" and r["event"] == name]
 
 
-@pytest.mark.parametrize("zero", [0, pytest.param(2, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)])
-def test_nonfinite_steps_are_skipped_on_every_rank_and_never_saved(tmp_path, zero):
+@pytest.mark.parametrize("zero, precision", [(0, "fp32"), pytest.param(1, "bf16", marks=pytest.mark.slow),
+                                             pytest.param(2, "fp32", marks=pytest.mark.slow),
+                                             pytest.param(3, "fp32", marks=pytest.mark.slow)])
+def test_nonfinite_steps_are_skipped_on_every_rank_and_never_saved(tmp_path, zero, precision):
     """NaN loss on rank 1 only at step 3: both ranks skip it (weights, Adam moments and Adam's
     step count equal those after step 2); NaN at steps 5-6 on every rank with
     max_consecutive_skips=2 stops the run with exit code 3 at step 6, unsaved (step 5's checkpoint
 holds step 4's weights).
-    ZeRO 0, where DeepSpeed itself checks nothing: the guard is the only defence (2 and 3: slow)."""
+    ZeRO 0, where DeepSpeed itself checks nothing: the guard is the only defence (slow: ZeRO 1
+    with bf16, DeepSpeed's BF16 optimizer with fp32 master weights; ZeRO 2 and 3)."""
     run_dir = str(tmp_path / "run")
-    run = train(run_dir, *FAST, f"deepspeed.zero_stage={zero}", "checkpoint.save_interval=1", "checkpoint.keep_last=0",
+    run = train(run_dir, *FAST, f"deepspeed.zero_stage={zero}", f"deepspeed.precision={precision}", "checkpoint.save_interval=1", "checkpoint.keep_last=0",
                 "train.max_consecutive_skips=2", env={"MEGATRON_INFINI_FAULT": "nan_loss@3:1,nan_loss@5-6"})
     assert run.returncode != 0, run.output[-3000:]
     assert "2 steps in a row (up to step 6) had a non-finite loss" in run.output, run.output[-3000:]
