@@ -10,11 +10,13 @@ the lowest step completed, then every live rank exits with EXIT_HANG. run_dir is
 filesystem (launch refuses node-local run directories for multi-node jobs), so the files work
 across nodes without a collective, which a hung rank could not answer.
 
-Why our own thread and not nvidia-resiliency-ext's hang detection: its in-job watchdog
-(`fault_tolerance`) runs a separate rank monitor process per rank started by its own launcher
-(`ft_launcher`, replacing torchrun) and its straggler detection times CUDA kernels; neither
-fits one Slurm task per rank on CPU or GPU without changing the launcher. A thread and a file
-per rank do what we need here, with no dependency.
+Why our own thread and not nvidia-resiliency-ext's hang detection (0.7.0, read from its wheel:
+it is published for Python >= 3.12 only, so it was not run here): its `RankMonitorClient`
+sends heartbeats over an IPC socket to a `RankMonitorServer` process per rank that its own
+launcher (`ft_launcher`, in place of torchrun) starts and announces in an environment
+variable; without that launcher the client refuses to start. That does not fit one Slurm task
+per rank (slurm/train.sbatch). A thread and a file per rank do what we need, on CPU and GPU,
+with no dependency.
 """
 
 from __future__ import annotations
