@@ -3,8 +3,9 @@
     torchrun --nproc-per-node N -m megatron_infini.train --config CONFIG.yaml [section.key=value ...]
     megatron-infini train --config CONFIG.yaml [section.key=value ...]
 
-Exit codes: 0 done; 75 stopped on request after a checkpoint (requeue); 2 bad config or data
-(reported before any work); 1 any other failure.
+Exit codes: 0 done; 75 stopped on request after a checkpoint, or signalled before the first
+step (requeue); 2 bad config or data (reported before any work); 3 too many non-finite steps in
+a row; 4 hang (no step within train.hang_timeout_s); 1 any other failure (docs/faults.md).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
+    from megatron_infini.training import early_stop
+
+    early_stop.install()  # first: a preemption while importing or loading exits 75 at once
     from megatron_infini.training import exit_codes
     from megatron_infini.training.config import ConfigError, load_config
 
@@ -34,12 +38,15 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"megatron-infini train: config error: {e}", file=sys.stderr)
         return exit_codes.EXIT_CONFIG_ERROR
+    early_stop.set_phase("importing", run_dir=cfg.run_dir)
 
     from megatron_infini.training.distributed import destroy_distributed, init_distributed
     from megatron_infini.training.loop import Trainer
 
     try:
+        early_stop.set_phase("initialising process groups")
         init_distributed(cfg)
+        early_stop.set_phase("building the model")
         _log_versions(cfg, rank)
         return Trainer(cfg).train()
     except (ConfigError, ValueError, FileNotFoundError) as e:

@@ -37,6 +37,7 @@ as "model": DeepSpeed's own checkpoint is no longer written).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -77,6 +78,15 @@ def _save_delay() -> None:
     if seconds > 0:
         _info(f"{SAVE_DELAY_HOOK}={seconds:g}: sleeping {seconds:g} s before publishing")
         time.sleep(seconds)
+
+
+def _write_fault(tmp: str, step: int) -> None:
+    """Test hook MEGATRON_INFINI_FAULT=save_enospc[@STEP] (docs/faults.md): a full disk mid-save, every rank."""
+    hooks = os.environ.get("MEGATRON_INFINI_FAULT", "").split(",")
+    if "save_enospc" in hooks or f"save_enospc@{step}" in hooks:
+        with open(os.path.join(tmp, "trainer", f"partial_{_rank():05d}.bin"), "wb") as fh:
+            fh.write(b"\0" * 4096)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp)
 
 
 def iter_dir(root: str, step: int) -> str:
@@ -245,6 +255,7 @@ class CheckpointManager:
 
         optimizer_info, request = self._save_state(os.path.join(tmp, "model"), background)
         torch.save(trainer_state, os.path.join(tmp, "trainer", f"rank_{_rank():05d}.pt"))
+        _write_fault(tmp, step)
         if _rank() == 0:
             self._write_meta(tmp, step, dict(meta, optimizer=optimizer_info))
         _save_delay()

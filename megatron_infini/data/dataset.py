@@ -45,6 +45,38 @@ def check_vocab(tokenizer_vocab_size: int, model_vocab_size: int) -> None:
         )
 
 
+def check_idx_size(path: str, header_len: int) -> None:
+    """Raises ValueError naming the file when a Megatron-core .idx is shorter than its own header
+    says: version <Q, dtype code <B, sequence count <Q, document count <Q, then int32 lengths and
+    int64 pointers per sequence and int64 document indices."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(header_len + 25)[header_len:]
+    size = os.path.getsize(path)
+    if len(head) < 25:
+        raise ValueError(f"{path} is truncated ({size} bytes, shorter than its header); preprocess the data again")
+    _, _, sequences, documents = struct.unpack("<QBQQ", head)
+    expected = header_len + 25 + 12 * sequences + 8 * documents
+    if size < expected:
+        raise ValueError(f"{path} is truncated: {size} bytes, its header describes {sequences} sequences in "
+                         f"{expected} bytes; preprocess the data again")
+
+
+def check_bin_size(prefix: str, indexed) -> None:
+    """Raises ValueError naming the file when PREFIX.bin is shorter or longer than its index says
+    (a copy cut short, or a .bin from another preprocessing run)."""
+    index = getattr(indexed, "index", None)
+    pointers, lengths = getattr(index, "sequence_pointers", None), getattr(index, "sequence_lengths", None)
+    if pointers is None or lengths is None or not len(lengths):
+        return  # another Megatron reader layout: nothing to compare with
+    expected = int(pointers[-1]) + int(lengths[-1]) * int(index.dtype_size)
+    actual = os.path.getsize(prefix + ".bin")
+    if actual != expected:
+        raise ValueError(f"{prefix}.bin has {actual} bytes but {prefix}.idx describes {expected}: the .bin is "
+                         f"{'truncated' if actual < expected else 'not the one indexed'}; preprocess the data again")
+
+
 class PackedDocumentDataset:
     """Endless, seeded stream of `seq_length + 1`-token samples over one indexed dataset.
 
@@ -94,10 +126,12 @@ class PackedDocumentDataset:
         if header != indexed._INDEX_HEADER:
             raise ValueError(f"cannot read indexed dataset {self.path_prefix!r}: "
                              f"{self.path_prefix}.idx is not a Megatron-core index file")
+        check_idx_size(self.path_prefix + ".idx", len(indexed._INDEX_HEADER))
         try:
             self._indexed = indexed.IndexedDataset(self.path_prefix)
         except (AssertionError, OSError, ValueError) as e:
             raise ValueError(f"cannot read indexed dataset {self.path_prefix!r}: {e}") from None
+        check_bin_size(self.path_prefix, self._indexed)
         self.seq_length = seq_length
         self.seed = seed
         self.shuffle = shuffle

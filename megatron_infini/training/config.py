@@ -86,11 +86,23 @@ class TrainConfig:
     """Validation batches per evaluation."""
     compile: bool = False
     """torch.compile every transformer layer (the Infini op compiles without graph breaks)."""
+    max_consecutive_skips: int = 10
+    """Steps with a non-finite loss or gradient are skipped (never applied, counted as
+    `skipped_steps`); after this many in a row the run stops with exit code 3. 0 = never stop."""
+    hang_timeout_s: float = 1800.0
+    """When no step completes for this long, every rank prints its Python stacks and the run exits
+    with code 4 (docs/faults.md). Must exceed the longest step + evaluation + synchronous
+    checkpoint save (an 8B save with optimizer state, ~130 GB, at 100 MB/s takes ~22 min);
+    0 = off."""
+    hang_timeout_first_step_s: float = 3600.0
+    """The same limit for the first step of a job (torch.compile, warm-up, first data reads)."""
 
     def validate(self, prefix: str = "train") -> None:
         for key in ("steps", "micro_batch_size", "global_batch_size", "seq_length", "eval_iters"):
             _at_least(f"{prefix}.{key}", getattr(self, key), 1)
         _at_least(f"{prefix}.eval_interval", self.eval_interval, 0)
+        for key in ("max_consecutive_skips", "hang_timeout_s", "hang_timeout_first_step_s"):
+            _at_least(f"{prefix}.{key}", getattr(self, key), 0)
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import sys
 import time
 from typing import Dict, Optional
 
@@ -26,7 +27,7 @@ from megatron_infini.flops import gpt_model_flops_per_step
 from megatron_infini.layers.attention import set_memory_repeat, write_penalty
 from megatron_infini.layers.compressive import reconstruction_loss, reconstruction_stats
 
-from . import exit_codes
+from . import early_stop, exit_codes, faults
 from .config import Config, ConfigError, dump_yaml
 from .distributed import all_reduce_max, seed_everything
 from .engine import build_engine, use_bf16
@@ -34,6 +35,7 @@ from .metrics import MetricsLogger
 from .model import build_model, ffn_size, padded_vocab_size
 from .schedule import apply_lr
 from .stats import gate_stats, memory_stats
+from .watchdog import HangWatchdog
 
 
 class StopRequest:
@@ -117,6 +119,7 @@ class Trainer:
                                              for name, path in tokenizer.source_files().items()})
         self.step = 0
         self.consumed_tokens = 0
+        self.skipped_steps = 0  # non-finite steps not applied, over the whole run (kept in checkpoints)
         self.wandb_id: Optional[str] = None
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         m = cfg.model
@@ -132,15 +135,18 @@ class Trainer:
     # ----------------------------------------------------------------- state
 
     def trainer_state(self) -> dict:
-        return {"step": self.step, "consumed_tokens": self.consumed_tokens,
+        return {"step": self.step, "consumed_tokens": self.consumed_tokens, "skipped_steps": self.skipped_steps,
                 "data": self.train_data.state_dict(), "rng": rng_state.capture()}
 
     def resume(self) -> None:
+        early_stop.set_phase("loading a checkpoint")
+        faults.maybe_delay_load()
         loaded = self.ckpt.load(self.cfg.checkpoint.resume, self.cfg.checkpoint.allow_fresh_optimizer)
         if loaded is None:
             return
         state = loaded["trainer"]
         self.step, self.consumed_tokens = int(state["step"]), int(state["consumed_tokens"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         self.train_data.load_state_dict(state["data"])
         if self.train_weights is not None:
             self.train_weights.consumed_samples = self.train_data.consumed_samples
@@ -149,10 +155,16 @@ class Trainer:
 
     def save(self, logger: MetricsLogger, background: bool = False) -> None:
         t0 = time.perf_counter()
-        path = self.ckpt.save(self.step, self.trainer_state(),
-                              {"wandb_id": logger.wandb_id, "consumed_tokens": self.consumed_tokens,
-                               "tokenizer": self.tokenizer.describe()},
-                              background=background and self.cfg.checkpoint.async_save)
+        faults.check_finite_weights(self.model, self.device, self.step)  # never save NaN weights
+        try:
+            path = self.ckpt.save(self.step, self.trainer_state(),
+                                  {"wandb_id": logger.wandb_id, "consumed_tokens": self.consumed_tokens,
+                                   "tokenizer": self.tokenizer.describe()},
+                                  background=background and self.cfg.checkpoint.async_save)
+        except OSError as e:
+            latest = self.ckpt.candidates("auto")
+            raise OSError(e.errno, f"checkpoint save at step {self.step} failed ({e}); nothing was published: "
+                          f"the latest checkpoint is still {latest[0] if latest else 'none'}") from e
         logger.event("checkpoint", step=self.step, path=path, seconds=round(time.perf_counter() - t0, 3))
 
     # ------------------------------------------------------------------ steps
@@ -195,6 +207,16 @@ class Trainer:
 
     def train(self) -> int:
         cfg = self.cfg
+        watchdog = HangWatchdog(cfg.run_dir, self.rank, dist.get_world_size(), cfg.train.hang_timeout_s,
+                                cfg.train.hang_timeout_first_step_s, self.step).start()
+        try:
+            return self._train(watchdog)
+        finally:
+            watchdog.stop()
+
+    def _train(self, watchdog: HangWatchdog) -> int:
+        cfg = self.cfg
+        guard = faults.NonFiniteGuard(self.model, cfg.train.max_consecutive_skips, self.device)
         self.resume()
         if self.rank == 0:
             dump_yaml(cfg, os.path.join(cfg.run_dir, "config.yaml"))
@@ -214,16 +236,20 @@ class Trainer:
                 if cfg.model.memory_repeat_max > 1:  # the augmentation from model.memory_repeat_start on
                     on = self.step >= cfg.model.memory_repeat_start
                     set_memory_repeat(self.model, cfg.model.memory_repeat_max if on else 1)
-                for _ in range(self.grad_acc):
+                for micro in range(self.grad_acc):
                     loss = self.forward_loss(next(batches), next(weights) if weights is not None else None)
+                    loss = faults.inject_nan(loss, self.step + 1, self.rank)  # test hook, off by default
                     aux = [reconstruction_loss(self.model)]  # compressive: trains the compressors only
                     penalty = write_penalty(self.model)  # model.memory_write_l1 (read every step: cleared on read)
                     if self.step >= cfg.model.memory_write_l1_start:
                         aux.append(penalty)
                     aux = [t for t in aux if t is not None]
                     self.engine.backward(loss + sum(aux) if aux else loss)
-                    self.engine.step()
                     losses.append(loss.detach())
+                    if micro + 1 < self.grad_acc:
+                        self.engine.step()  # no update before the accumulation boundary
+                skipped = guard.step(self.engine, losses)  # the update, unless non-finite on any rank
+                self.skipped_steps += skipped
                 self.step += 1
                 self.consumed_tokens += tokens_per_step
                 loss = self._dp_mean(torch.stack(losses).mean())
@@ -235,11 +261,16 @@ class Trainer:
                     "tokens_per_s": tokens_per_step / dt, "step_time_s": dt,
                     "tflops_per_gpu": self.flops_per_step / dt / dist.get_world_size() / 1e12,
                     "consumed_tokens": self.consumed_tokens, "peak_mem_gb": peak_memory_gb(),
+                    "skipped_steps": self.skipped_steps,
                     **gate_stats(self.model), **memory_stats(self.model), **reconstruction_stats(self.model),
                 }
                 if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
                     metrics["val_loss"] = self.evaluate()
                 logger.log(self.step, metrics)
+                watchdog.beat(self.step)
+                faults.maybe_stop_self(self.step, self.rank)  # test hook, off by default
+                if guard.exhausted:
+                    return self._nonfinite_stop(logger, guard)
                 self.ckpt.finish_pending()  # publish background saves that are done
                 if stop.check():
                     self.save(logger)
@@ -266,3 +297,14 @@ class Trainer:
             return exit_codes.EXIT_OK
         finally:
             logger.close()
+
+    def _nonfinite_stop(self, logger: MetricsLogger, guard: faults.NonFiniteGuard) -> int:
+        msg = (f"{guard.consecutive} steps in a row (up to step {self.step}) had a non-finite loss or gradient "
+               f"(train.max_consecutive_skips={self.cfg.train.max_consecutive_skips}); none was applied. The run "
+               "diverged: lower optimizer.lr, check the data, or resume from an earlier checkpoint. No checkpoint "
+               "was written")
+        self.ckpt.finish_pending(blocking=True)  # a background save of an earlier (finite) step
+        logger.event("nonfinite_stop", step=self.step, consecutive=guard.consecutive)
+        if self.rank == 0:
+            print(f"megatron-infini train: stopping: {msg}", file=sys.stderr, flush=True)
+        return exit_codes.EXIT_NONFINITE
