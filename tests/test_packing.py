@@ -91,3 +91,43 @@ def test_matches_megatrons_masks_and_positions():
             if a < e:
                 ours[a:e, a:e] = torch.ones(e - a, e - a).tril().bool()
         assert torch.equal(ours, allowed)
+
+
+# --------------------------------------------------------------------------- the trainer's batch
+def _cp_batches(rank, world_size):
+    """Context parallel 2: each rank's block of the packed sequence, and the loss over both."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_infini.training.batches import batch_loss, model_kwargs, prepare_batch
+    from megatron_infini.training.config import load_config
+
+    cfg = load_config(None, ["model.segment_length=8", "train.seq_length=32", "parallel.context_parallel_size=2",
+                             "data.reset_attention_mask=true", "data.reset_position_ids=true",
+                             "data.eod_mask_loss=true"])
+    tokens = _windows(3, 32, 7, eos_rate=0.1)  # the same on every rank
+    weights = torch.rand(3, 33, generator=torch.Generator().manual_seed(8))
+    group = ps.get_context_parallel_group()
+    full = prepare_batch(tokens, weights, cfg, EOS, torch.device("cpu"))
+    mine = prepare_batch(tokens, weights, cfg, EOS, torch.device("cpu"), group)
+    block = slice(rank * 48, (rank + 1) * 48)  # 3 * 32 / 2 tokens, in order
+    for name in ("inputs", "labels", "position_ids", "loss_mask"):
+        assert torch.equal(getattr(mine, name), getattr(full, name)[:, block]), name
+    assert torch.equal(mine.cu_seqlens, full.cu_seqlens)  # global boundaries on every rank
+    params = model_kwargs(mine)["packed_seq_params"]
+    assert params.qkv_format == "thd" and torch.equal(params.cu_seqlens_q, full.cu_seqlens)
+    assert params.max_seqlen_kv == full.max_seqlen
+    per_token = (mine.labels.float() + 1).log()  # any per-token "loss"
+    loss = batch_loss(per_token, mine.loss_mask, group)
+    losses = [torch.empty(()) for _ in range(2)]
+    torch.distributed.all_gather(losses, loss.detach(), group=group)
+    w, l = full.loss_mask, (full.labels.float() + 1).log()
+    want = (w * l).sum() / w.sum()  # the whole sequence's weighted mean
+    torch.testing.assert_close(torch.stack(losses).mean(), want)
+    assert batch_loss(l, None).item() == pytest.approx(l.mean().item())
+    return True
+
+
+def test_context_parallel_ranks_get_contiguous_blocks_and_global_boundaries():
+    from _dist import run_distributed
+
+    assert run_distributed(_cp_batches, 2, tp=1, context_parallel_size=2) == [True, True]
