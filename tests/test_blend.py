@@ -127,21 +127,46 @@ def test_blend_errors(tmp_path):
 
 
 # --------------------------------------------------------------------------- the trainer
-def test_trainer_blend_logs_counts_and_resumes_exactly_on_another_dp_size(tmp_path):
-    """Two corpora, 2 ranks (dp=2), 4 steps with a checkpoint at step 2; resumed from it on one
-    rank (dp=1, same global batch): steps 3-4 have the same losses and per-corpus counts."""
+RESETS = ["data.reset_attention_mask=true", "data.reset_position_ids=true", "data.eod_mask_loss=true"]
+
+
+@pytest.fixture(scope="module")
+def short_docs(tmp_path_factory):
+    """~100 documents of 20-400 tokens (the first play cut into scenes' worth of lines): every
+    256-token window holds several documents."""
+    from megatron_infini.data import CORPUS_DIR, SHAKESPEARE_TOKENIZER
+    from megatron_infini.data.preprocess import preprocess
+
+    d = tmp_path_factory.mktemp("short")
+    text = json.loads(open(CORPUS_DIR / "shakespeare_train.jsonl", encoding="utf-8").readline())["text"]
+    lines, docs, i = text.splitlines(), [], 0
+    rng = np.random.default_rng(0)
+    while i < len(lines) and len(docs) < 100:
+        n = int(rng.integers(2, 40))
+        docs.append("\n".join(lines[i:i + n]))
+        i += n
+    with open(d / "short.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in docs if t.strip())
+    preprocess([d / "short.jsonl"], SHAKESPEARE_TOKENIZER, d / "short", log=None)
+    return str(d / "short")
+
+
+def test_trainer_blend_with_resets_resumes_exactly_on_another_dp_size(tmp_path, short_docs):
+    """A two-corpus blend read with the document resets (packed sequences through the Infini layer),
+    2 ranks (dp=2), 4 steps with a checkpoint at step 2; resumed from it on one rank (dp=1, same
+    global batch): steps 3-4 have the same losses and per-corpus counts."""
     from train_utils import train
 
-    blend = f"data.train_data=[0.7, {TRAIN}, 0.3, {VALID}]"
-    run = train(tmp_path / "dp2", blend, "train.steps=4", "checkpoint.save_interval=2", "checkpoint.keep_last=0",
-                "train.eval_interval=0")
+    blend = f"data.train_data=[0.7, {TRAIN}, 0.3, {short_docs}]"
+    run = train(tmp_path / "dp2", blend, *RESETS, "train.steps=4", "checkpoint.save_interval=2",
+                "checkpoint.keep_last=0", "train.eval_interval=0")
     assert run.returncode == 0, run.output[-3000:]
     steps = run.steps
     for r in steps:  # global batch 8 per step
-        assert r["samples/shakespeare_train"] + r["samples/shakespeare_valid"] == 8 * r["step"]
-    assert steps[-1]["samples/shakespeare_valid"] == 10  # 30% of 32 samples, Megatron's rounding
+        assert r["samples/shakespeare_train"] + r["samples/short"] == 8 * r["step"]
+    assert steps[-1]["samples/short"] == 10  # 30% of 32 samples, Megatron's rounding
     ckpt = os.path.join(run.run_dir, "checkpoints", "iter_0000002")
-    resumed = train(tmp_path / "dp1", blend, "train.steps=4", "train.eval_interval=0",
+    resumed = train(tmp_path / "dp1", blend, *RESETS, "train.steps=4", "train.eval_interval=0",
                     f"checkpoint.resume={ckpt}", nproc=1)
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert [r["step"] for r in resumed.steps] == [3, 4]
@@ -151,13 +176,34 @@ def test_trainer_blend_logs_counts_and_resumes_exactly_on_another_dp_size(tmp_pa
                {k: v for k, v in b.items() if k.startswith("samples/")}
 
 
-@pytest.mark.parametrize("value, message", [
-    ("[0.7, a, 0.3]", "odd number of items"),
-    ("[0, a, 1, b]", "the weight of 'a' must be a positive number"),
-])
-def test_trainer_refuses_a_bad_blend_with_exit_code_2(tmp_path, value, message):
+@pytest.mark.slow
+def test_trainer_resets_tensor_and_sequence_parallel_match_tp1(tmp_path, short_docs):
+    """Packed documents (every window holds several): TP=2 + sequence parallel logs TP=1's losses,
+    and the resets do change them (the windows are not read as one stream)."""
     from train_utils import train
 
-    run = train(tmp_path / "run", f"data.train_data={value}", nproc=0, timeout=120)
+    common = [f"data.train_data={short_docs}", "train.steps=4", "deepspeed.zero_stage=0",
+              "train.eval_interval=0", "checkpoint.save_interval=0", "checkpoint.save_at_end=false"]
+    ref = train(tmp_path / "tp1", *common, *RESETS)
+    assert ref.returncode == 0, ref.output[-3000:]
+    tp2 = train(tmp_path / "tp2", *common, *RESETS, "parallel.tensor_model_parallel_size=2",
+                "parallel.sequence_parallel=true")
+    assert tp2.returncode == 0, tp2.output[-3000:]
+    assert tp2.losses == pytest.approx(ref.losses, rel=1e-4, abs=1e-4)
+    off = train(tmp_path / "off", *common)
+    assert off.returncode == 0, off.output[-3000:]
+    assert abs(off.losses[-1] - ref.losses[-1]) > 1e-3
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.train_data=[0.7, a, 0.3]"], "odd number of items"),
+    (["data.train_data=[0, a, 1, b]"], "the weight of 'a' must be a positive number"),
+    (["data.train_data=0.5 a 0.5 b", "data.train_loss_weights=w"], "cannot be combined with a blended"),
+    (["data.reset_attention_mask=true", "parallel.context_parallel_size=2"], "not supported with parallel.context"),
+], ids=["odd", "weight", "loss-weights", "reset-cp"])
+def test_trainer_refuses_bad_data_settings_with_exit_code_2(tmp_path, overrides, message):
+    from train_utils import train
+
+    run = train(tmp_path / "run", *overrides, nproc=0, timeout=120)
     assert run.returncode == 2 and message in run.output, run.output[-3000:]
     assert "Traceback" not in run.output
