@@ -132,23 +132,20 @@ RESETS = ["data.reset_attention_mask=true", "data.reset_position_ids=true", "dat
 
 @pytest.fixture(scope="module")
 def short_docs(tmp_path_factory):
-    """~100 documents of 20-400 tokens (the first play cut into scenes' worth of lines): every
-    256-token window holds several documents."""
-    from megatron_infini.data import CORPUS_DIR, SHAKESPEARE_TOKENIZER
-    from megatron_infini.data.preprocess import preprocess
+    """100 documents of 2-39 lines of the first play (tools/short_documents.py): every 256-token
+    window holds several documents."""
+    import sys
 
-    d = tmp_path_factory.mktemp("short")
-    text = json.loads(open(CORPUS_DIR / "shakespeare_train.jsonl", encoding="utf-8").readline())["text"]
-    lines, docs, i = text.splitlines(), [], 0
-    rng = np.random.default_rng(0)
-    while i < len(lines) and len(docs) < 100:
-        n = int(rng.integers(2, 40))
-        docs.append("\n".join(lines[i:i + n]))
-        i += n
-    with open(d / "short.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"text": t}) + "\n" for t in docs if t.strip())
-    preprocess([d / "short.jsonl"], SHAKESPEARE_TOKENIZER, d / "short", log=None)
-    return str(d / "short")
+    from train_utils import REPO
+
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    try:
+        from short_documents import make_short_documents
+    finally:
+        sys.path.pop(0)
+    prefix = str(tmp_path_factory.mktemp("short") / "short")
+    make_short_documents(prefix, plays=1, max_docs=100)
+    return prefix
 
 
 def test_trainer_blend_with_resets_resumes_exactly_on_another_dp_size(tmp_path, short_docs):
