@@ -103,3 +103,37 @@ def test_peak_memory_does_not_grow_with_input_length(debug_run, tmp_path):
                   "--threads", "1", "--json", str(out))
         peaks[n] = json.loads(out.read_text())["peak_rss_mib"]
     assert peaks[131072] <= peaks[16384] * 1.05, peaks
+
+
+def test_reset_at_eos_reads_each_document_from_an_empty_memory():
+    """Documents joined by EOS, streamed with reset_at_eos, give each document's logits as if it
+    were streamed alone (and the logits right after an EOS are the previous document's)."""
+    assert run_distributed(_check_reset_at_eos, 1) == [True]
+
+
+def _check_reset_at_eos(rank, world_size):
+    from megatron_infini.inference.stream import StreamingLM
+
+    model = _tiny_model()
+    g = torch.Generator().manual_seed(3)
+    eos = 2
+    docs = [torch.randint(3, VOCAB, (1, n), generator=g) for n in (19, 5, 30)]
+    joined = torch.cat([torch.cat([d, torch.tensor([[eos]])], dim=1) for d in docs[:2]] + [docs[2]], dim=1)
+
+    def alone(tokens):
+        lm = StreamingLM(model, chunk_segments=2, vocab_limit=VOCAB)
+        out = lm.feed(tokens)
+        lm.close()
+        return out
+
+    want = [alone(docs[2]), alone(torch.cat([docs[2], torch.tensor([[eos]])], dim=1))]  # (close: carry off)
+    lm = StreamingLM(model, chunk_segments=2, vocab_limit=VOCAB, reset_at_eos=eos)
+    got = lm.feed(iter([joined[:, :7], joined[:, 7:26], joined[:, 26:]]))  # cut inside and at an EOS
+    torch.testing.assert_close(got, want[0], atol=1e-5, rtol=1e-5)
+    after_eos = lm.feed(torch.tensor([[eos]]))  # ends the third document
+    torch.testing.assert_close(after_eos, want[1], atol=1e-5, rtol=1e-5)
+    lm.close()
+    plain = StreamingLM(model, chunk_segments=2, vocab_limit=VOCAB)
+    assert (plain.feed(joined) - got).abs().max() > 1e-3  # without the reset the context carries over
+    plain.close()
+    return True

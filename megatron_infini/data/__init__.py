@@ -6,6 +6,9 @@
 - `preprocess`: text / JSONL -> Megatron-core indexed dataset (`.bin` + `.idx`) (`main(argv)`).
 - `dataset`: `PackedDocumentDataset`, fixed-length sequences cut from whole documents packed
   back to back in a seeded per-epoch order, sharded over data-parallel ranks, resumable.
+- `blend`: `BlendedDataset`, Megatron's weighted list of corpora, sampled deterministically.
+- `packing`: document boundaries of a micro batch from EOS (Megatron's reset_attention_mask,
+  reset_position_ids, eod_mask_loss), as THD `cu_seqlens` for packed sequences.
 
 The shipped demo corpus (7 Shakespeare plays for training, The Tempest held out) and its
 tokenizer live in `corpus/`; see `corpus/README.md`. Nothing heavy is imported here.

@@ -77,7 +77,42 @@ def check_bin_size(prefix: str, indexed) -> None:
                          f"{'truncated' if actual < expected else 'not the one indexed'}; preprocess the data again")
 
 
-class PackedDocumentDataset:
+class SampleStream:
+    """Megatron's pretraining sampler over an endless stream of samples `self[g]` (g >= 0).
+
+    Subclasses set `consumed_samples`, `dp_rank`, `dp_world_size` and define `__getitem__`.
+    """
+
+    consumed_samples: int
+    dp_rank: int
+    dp_world_size: int
+
+    def rank_sample_indices(self, consumed_samples: int, micro_batch_size: int) -> range:
+        """Global indices of this rank's micro batch that starts at `consumed_samples`."""
+        start = consumed_samples + self.dp_rank * micro_batch_size
+        return range(start, start + micro_batch_size)
+
+    def batches(self, micro_batch_size: int, num_batches: Optional[int] = None) -> Iterator["torch.Tensor"]:
+        """This rank's micro batches, `torch.LongTensor [micro_batch_size, seq_length + 1]`.
+
+        Endless unless `num_batches` is given. Each yielded batch counts as consumed:
+        `consumed_samples` grows by `micro_batch_size * dp_world_size` before the yield, so a
+        `state_dict()` taken after training on it resumes with the next batch.
+        """
+        import torch
+
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        n = 0
+        while num_batches is None or n < num_batches:
+            indices = self.rank_sample_indices(self.consumed_samples, micro_batch_size)
+            batch = torch.from_numpy(np.stack([self[g] for g in indices]))  # [b, seq_length + 1]
+            self.consumed_samples += micro_batch_size * self.dp_world_size
+            n += 1
+            yield batch
+
+
+class PackedDocumentDataset(SampleStream):
     """Endless, seeded stream of `seq_length + 1`-token samples over one indexed dataset.
 
     Args:
@@ -199,30 +234,6 @@ class PackedDocumentDataset:
             i += 1
         return out
 
-    def rank_sample_indices(self, consumed_samples: int, micro_batch_size: int) -> range:
-        """Global indices of this rank's micro batch that starts at `consumed_samples`."""
-        start = consumed_samples + self.dp_rank * micro_batch_size
-        return range(start, start + micro_batch_size)
-
-    def batches(self, micro_batch_size: int, num_batches: Optional[int] = None) -> Iterator["torch.Tensor"]:
-        """This rank's micro batches, `torch.LongTensor [micro_batch_size, seq_length + 1]`.
-
-        Endless unless `num_batches` is given. Each yielded batch counts as consumed:
-        `consumed_samples` grows by `micro_batch_size * dp_world_size` before the yield, so a
-        `state_dict()` taken after training on it resumes with the next batch.
-        """
-        import torch
-
-        if micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-        n = 0
-        while num_batches is None or n < num_batches:
-            indices = self.rank_sample_indices(self.consumed_samples, micro_batch_size)
-            batch = torch.from_numpy(np.stack([self[g] for g in indices]))  # [b, seq_length + 1]
-            self.consumed_samples += micro_batch_size * self.dp_world_size
-            n += 1
-            yield batch
-
     # ----- checkpointing -----
 
     def state_dict(self) -> dict:
@@ -243,6 +254,9 @@ class PackedDocumentDataset:
         Raises:
             ValueError: the state was saved for another stream (seed, shuffle, seq_length or data).
         """
+        if "blend" in state:
+            raise ValueError(f"data state mismatch: the checkpoint was saved for a blend of {len(state['blend'])} "
+                             f"corpora, this run reads one ({self.path_prefix!r}); the sample stream would differ")
         for key in ("seed", "shuffle", "seq_length", "num_tokens", "num_documents"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(

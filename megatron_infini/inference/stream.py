@@ -104,10 +104,14 @@ class StreamingLM:
         memory: False runs the ablation: every segment starts from an *empty* memory (as the
             first segment of every training sequence does), so nothing is carried from one
             segment to the next; the weights, the gates and the local attention are unchanged.
+        reset_at_eos: an EOS id: the input may hold several documents, and the stream starts
+            afresh (empty memory, new segments) after each EOS, as training with
+            `data.reset_attention_mask` reads them. The logits right after an EOS are still the
+            previous document's. Batch size 1 only. None: one stream across EOS.
     """
 
     def __init__(self, model: torch.nn.Module, chunk_segments: int = 16, vocab_limit: Optional[int] = None,
-                 memory: bool = True):
+                 memory: bool = True, reset_at_eos: Optional[int] = None):
         if chunk_segments < 1:
             raise ValueError(f"chunk_segments must be >= 1, got {chunk_segments}")
         self.model = unwrap(model)
@@ -115,6 +119,7 @@ class StreamingLM:
         self.chunk = chunk_segments * self.N
         self.vocab_limit = vocab_limit
         self.use_memory = memory
+        self.reset_at_eos = reset_at_eos
         self.device = next(self.model.parameters()).device
         set_memory_carry(self.model, True)
         self.reset()
@@ -170,6 +175,8 @@ class StreamingLM:
         """Append tokens ([b, s] LongTensor, or an iterable of them, e.g. a generator reading a
         huge input piece by piece) to the stream; returns the next-token logits [b, V] (float32)."""
         pieces = [tokens] if isinstance(tokens, torch.Tensor) else tokens
+        if self.reset_at_eos is not None:
+            return self._feed_documents(pieces)
         last = None
         for piece in pieces:
             if piece.dim() != 2:
@@ -194,6 +201,31 @@ class StreamingLM:
             raise ValueError("feed() needs at least one token")
         self._last_hidden = last
         return self.logits(last)
+
+    def _feed_documents(self, pieces: Iterable[torch.Tensor]) -> torch.Tensor:
+        """`feed` with a fresh stream after every EOS (`reset_at_eos`)."""
+        eos, logits = self.reset_at_eos, None
+        for piece in pieces:
+            if piece.dim() != 2 or piece.shape[0] != 1:
+                raise ValueError(f"reset_at_eos needs tokens [1, seq] (batch size 1), got shape {tuple(piece.shape)}")
+            ends = (piece[0] == eos).nonzero().flatten().tolist()
+            start = 0
+            for end in ends + [piece.shape[1] - 1]:
+                if end < start:
+                    continue
+                self.reset_at_eos = None  # plain feed of one document's tokens
+                try:
+                    logits = self.feed(piece[:, start:end + 1])
+                finally:
+                    self.reset_at_eos = eos
+                if end in ends:  # the next token starts a new document
+                    last = self._last_hidden
+                    self.reset()
+                    self._last_hidden = last
+                start = end + 1
+        if logits is None:
+            raise ValueError("feed() needs at least one token")
+        return logits
 
     @torch.no_grad()
     def generate(

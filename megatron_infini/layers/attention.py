@@ -38,6 +38,7 @@ from megatron.core.utils import divide, get_pg_size
 
 from megatron_infini.compat import ensure_cpu_compat, param_device
 from megatron_infini.ops import infini_attention, local_attention
+from megatron_infini.ops.packed import document_positions
 
 Memory = Tuple[torch.Tensor, torch.Tensor]
 
@@ -137,16 +138,19 @@ class InfiniCoreAttention(MegatronModule):
         """query [s, b, np, hn], key / value [s, b, ng, hn] (no RoPE), q_local / k_local the
         same with in-segment RoPE -> [s, b, np * hn]. The mask is not read: attention is causal
         by construction (the spec declares `AttnMaskType.causal`)."""
-        if attention_bias is not None or packed_seq_params is not None:
-            raise NotImplementedError("Infini-attention supports neither attention_bias nor packed sequences")
+        if attention_bias is not None:
+            raise NotImplementedError("Infini-attention does not support attention_bias")
         cfg = self.config
         s, b = query.shape[:2]
+        cu_seqlens = packed_cu_seqlens(packed_seq_params)  # packed documents: [num_docs + 1] or None
+        if cu_seqlens is not None:
+            self._check_packed()
         if self.cp_size > 1:
             self._check_context_parallel(s)
         if self.gate is None:
             out = local_attention(
                 query if q_local is None else q_local, key if k_local is None else k_local, value,
-                cfg.segment_length, self.softmax_scale,
+                cfg.segment_length, self.softmax_scale, cu_seqlens=cu_seqlens,
             )  # [s, b, np, hn]
         else:
             memory = self.memory if self.carry_memory else None
@@ -158,6 +162,8 @@ class InfiniCoreAttention(MegatronModule):
             op = dict(segment_length=cfg.segment_length, update=cfg.memory_update, q_local=q_local,
                       k_local=k_local, softmax_scale=self.softmax_scale,
                       checkpoint_segments=cfg.checkpoint_segments)
+            if cu_seqlens is not None:
+                op["cu_seqlens"] = cu_seqlens
             if self.write_weight is not None:
                 op["write"] = self.write_strength(key)  # [s, b, ng]
                 lam = getattr(cfg, "memory_write_l1", 0.0)
@@ -188,6 +194,18 @@ class InfiniCoreAttention(MegatronModule):
         if self.write_gate == "hard":
             return (logit + 0.5).clamp(0.0, 1.0)
         return torch.sigmoid(logit)
+
+    def _check_packed(self) -> None:
+        """Packed documents: refuse what would mix them (a memory carried across calls, the
+        per-segment repeat augmentation whose segments are not the documents' own)."""
+        if self.carry_memory:
+            raise ValueError(
+                "packed sequences (packed_seq_params) with memory carry (megatron_infini.streaming) are not "
+                "supported: the carried memory belongs to one document; turn carry off for packed input")
+        if self.training and self.repeat_max > 1:
+            raise ValueError(
+                f"packed sequences (packed_seq_params) with memory_repeat_max {self.repeat_max} > 1 are not "
+                "supported: the augmentation draws its multipliers per segment of the unpacked input")
 
     def _check_context_parallel(self, s: int) -> None:
         n = self.config.segment_length
@@ -227,6 +245,42 @@ def repeat_multipliers(s: int, b: int, segment_length: int, repeat_max: int, dev
     u = torch.rand(n_seg, b, device=device)
     m = torch.exp(u * math.log(repeat_max + 1)).floor().clamp(1, repeat_max)  # [n_seg, b]
     return m.repeat_interleave(segment_length, dim=0)[:s].unsqueeze(-1)  # [s, b, 1]
+
+
+def packed_cu_seqlens(packed_seq_params) -> Optional[torch.Tensor]:
+    """The document boundaries cu_seqlens [num_docs + 1] of Megatron's `PackedSeqParams`
+    (qkv_format "thd", self-attention: cu_seqlens_q == cu_seqlens_kv), or None without packing.
+    Raises ValueError for what Infini-attention cannot take (other formats, padded boundaries)."""
+    if packed_seq_params is None:
+        return None
+    p = packed_seq_params
+    if getattr(p, "qkv_format", "thd") != "thd":
+        raise ValueError(f"packed_seq_params.qkv_format must be 'thd' for Infini-attention, got {p.qkv_format!r}")
+    cu, cu_kv = p.cu_seqlens_q, p.cu_seqlens_kv
+    if cu is None:
+        raise ValueError("packed_seq_params.cu_seqlens_q must be set (int32 [num_docs + 1])")
+    if cu_kv is not None and cu_kv is not cu and not torch.equal(cu_kv, cu):
+        raise ValueError("packed_seq_params: cu_seqlens_kv must equal cu_seqlens_q (self-attention)")
+    for name in ("cu_seqlens_q_padded", "cu_seqlens_kv_padded"):
+        padded = getattr(p, name, None)
+        if padded is not None and not torch.equal(padded, cu):
+            raise ValueError(f"packed_seq_params.{name} differs from cu_seqlens_q: padded documents are not "
+                             "supported by Infini-attention")
+    return cu
+
+
+def packed_in_segment_rope(freqs: torch.Tensor, cu_seqlens: torch.Tensor, s: int, segment_length: int) -> torch.Tensor:
+    """RoPE angles [s, 1, 1, d] for packed documents: each token at its position inside its own
+    segment, segments cut from each document's first token (in-document position mod N).
+
+    freqs: Megatron's rotary_pos_emb [S, 1, 1, d] for positions 0..S-1.
+    """
+    pos = document_positions(cu_seqlens, s) % segment_length  # [s]
+    need = int(pos.max()) + 1
+    if freqs.shape[0] < need:
+        raise ValueError(f"rotary_pos_emb has {freqs.shape[0]} positions, need at least {need} "
+                         "(packed_seq_params.max_seqlen_q too small?)")
+    return freqs.index_select(0, pos.to(freqs.device))  # [s, 1, 1, d]
 
 
 def in_segment_rope(freqs: torch.Tensor, s: int, segment_length: int) -> torch.Tensor:
@@ -289,11 +343,12 @@ class InfiniSelfAttention(SelfAttention):
         inference_params=None,
     ):
         """hidden_states [s, b, h] -> (output [s, b, h], bias [h] or None)."""
-        if inference_context is not None or inference_params is not None or packed_seq_params is not None:
+        if inference_context is not None or inference_params is not None:
             raise NotImplementedError(
-                "InfiniSelfAttention has no KV-cache inference or packed sequences; for streaming, "
+                "InfiniSelfAttention has no KV-cache inference; for streaming, "
                 "use megatron_infini.streaming.set_memory_carry(model, True)"
             )
+        cu_seqlens = packed_cu_seqlens(packed_seq_params)  # packed documents (qkv_format "thd"), or None
         if key_value_states is not None:
             raise ValueError("InfiniSelfAttention is self-attention: key_value_states must be None")
         if self.config.no_rope_freq and self.config.no_rope_freq[self.layer_number - 1]:
@@ -305,18 +360,24 @@ class InfiniSelfAttention(SelfAttention):
             q_freqs, k_freqs = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
             s, n = query.shape[0], self.config.segment_length
             cp = self.config.context_parallel_size
-            if cp > 1 and q_freqs.shape[0] < s * cp:
+            if cp > 1 and cu_seqlens is None and q_freqs.shape[0] < s * cp:  # packed: Megatron never slices
                 raise ValueError(
                     "context parallelism: rotary_pos_emb holds Megatron's load-balanced slice of the RoPE "
                     "table, but Infini layers need the in-segment positions 0..N-1 on every rank; call "
                     "megatron_infini.parallel.setup_context_parallel(model) after building the GPTModel")
             rope = dict(config=self.config, cp_group=self.pg_collection.cp)
-            q_local = apply_rotary_pos_emb(query, in_segment_rope(q_freqs, s, n), **rope)
-            k_local = apply_rotary_pos_emb(key, in_segment_rope(k_freqs, s, n), **rope)
+            if cu_seqlens is None:
+                q_freqs, k_freqs = in_segment_rope(q_freqs, s, n), in_segment_rope(k_freqs, s, n)
+            else:  # positions restart at each document's first token
+                same = k_freqs is q_freqs
+                q_freqs = packed_in_segment_rope(q_freqs, cu_seqlens, s, n)
+                k_freqs = q_freqs if same else packed_in_segment_rope(k_freqs, cu_seqlens, s, n)
+            q_local = apply_rotary_pos_emb(query, q_freqs, **rope)
+            k_local = apply_rotary_pos_emb(key, k_freqs, **rope)
 
         core = self.core_attention(
             query, key, value, attention_mask, attn_mask_type=self.attn_mask_type,
-            attention_bias=attention_bias, packed_seq_params=None, q_local=q_local, k_local=k_local,
+            attention_bias=attention_bias, packed_seq_params=packed_seq_params, q_local=q_local, k_local=k_local,
         )  # [s, b, np * hn]
         return self.linear_proj(core)
 

@@ -33,6 +33,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ._common import EPS, Memory, autocast_off, check_inputs, check_write, empty_memory, pack_memory, unpack_memory
+from .packed import pack, packed_layout, relative_doc_start, unpack, write_mask
 from .sdpa import sdpa_causal
 
 
@@ -51,6 +52,7 @@ def infini_attention(
     eps: float = EPS,
     checkpoint_segments: int = 0,
     write: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Memory]:
     """Infini-attention over a sequence cut into segments of `segment_length`.
 
@@ -73,9 +75,16 @@ def infini_attention(
             memory with weight w_t, M += w_t sigma(k_t)^T (v_t or its delta correction) and
             z += w_t sigma(k_t). None: every token with weight 1 (the paper). A constant w
             gives the same output as None (M and z scale together).
+        cu_seqlens: optional packed documents (flash-attn varlen convention), int
+            [num_docs + 1] with cu[0] = 0, cu[-1] = s, strictly increasing; batch b must be 1.
+            Each document is cut into segments from its own first token, attends only to its
+            own tokens and starts from an empty memory (the first document from `memory`), so
+            the output equals each document run alone (`ops.packed`). None: one sequence.
 
     Returns:
-        out [s, b, hq, dv] in q's dtype, and the memory (M, z) after the last segment, float32.
+        out [s, b, hq, dv] in q's dtype, and the memory (M, z) after the last segment, float32
+        (packed: the memory of the last document, [1, ...]: what a continuation of that
+        document would start from).
         Calling the op on consecutive chunks (cut at segment boundaries) passing the memory
         along gives the same result as one call on the whole input.
     """
@@ -89,17 +98,40 @@ def infini_attention(
     if memory is None:
         memory = empty_memory(b, hkv, dk, dv, q.device)
     M, z = memory
+    if cu_seqlens is None:
+        return _blocks(q, k, v, gate, q_local, k_local, M, z, segment_length, update, scale, eps, write,
+                       checkpoint_segments, None)
+    # packed documents: run in the padded segment layout [n * N, 1, ...], memory restarting per document
+    layout = packed_layout(cu_seqlens, s, b, segment_length, q.device)
+    write = write_mask(layout, write, b, hkv, q.device)  # [n * N, 1, hkv]; 0 on the padding
+    q_local = pack(q_local, layout) if q_local is not q else None  # often q itself: packed once
+    k_local = pack(k_local, layout) if k_local is not k else None
+    q, k, v = pack(q, layout), pack(k, layout), pack(v, layout)  # [n * N, 1, h, d]
+    q_local = q if q_local is None else q_local
+    k_local = k if k_local is None else k_local
+    out, memory = _blocks(q, k, v, gate, q_local, k_local, M, z, layout.N, update, scale, eps, write,
+                          checkpoint_segments, layout.doc_start)
+    return unpack(out, layout), memory
 
-    block = checkpoint_segments * segment_length
+
+def _blocks(q, k, v, gate, q_local, k_local, M, z, N, update, scale, eps, write, checkpoint_segments, doc_start):
+    """The op, in blocks of `checkpoint_segments` segments recomputed in backward when > 0."""
+    s = q.shape[0]
+    block = checkpoint_segments * N
     if block == 0 or not torch.is_grad_enabled():
-        return _forward(q, k, v, gate, q_local, k_local, M, z, segment_length, update, scale, eps, write=write)
+        return _forward(q, k, v, gate, q_local, k_local, M, z, N, update, scale, eps, write=write, doc_start=doc_start)
 
     outs = []
     # split, not slicing: slicing's backward writes each block's gradient into a zero tensor of the full length
     writes = write.split(block) if write is not None else [None] * -(-s // block)
-    for qb, kb, vb, qlb, klb, wb in zip(*(x.split(block) for x in (q, k, v, q_local, k_local)), writes):
+    for i, (qb, kb, vb, qlb, klb, wb) in enumerate(zip(*(x.split(block) for x in (q, k, v, q_local, k_local)),
+                                                       writes)):
+        starts = None
+        if doc_start is not None:  # counted from the block's first segment
+            first = i * checkpoint_segments
+            starts = relative_doc_start(doc_start[first:first + checkpoint_segments], first)
         out, M, z = _checkpoint(
-            _forward_flat, qb, kb, vb, gate, qlb, klb, M, z, segment_length, update, scale, eps, None, wb,
+            _forward_flat, qb, kb, vb, gate, qlb, klb, M, z, N, update, scale, eps, None, wb, starts,
             use_reentrant=False,
         )
         outs.append(out)
@@ -143,13 +175,20 @@ def local_attention_folded(
 
 
 def local_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_length: int, scale: Optional[float] = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_length: int, scale: Optional[float] = None,
+    *, cu_seqlens: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Causal softmax attention inside each segment, all segments in one fused call.
 
     q [s, b, hq, dk], k [s, b, hkv, dk], v [s, b, hkv, dv] -> [s, b, hq, dv] in q's dtype.
+    cu_seqlens: optional packed documents as in `infini_attention` (b = 1): segments are cut
+    from each document's first token and never cross a document boundary.
     """
-    return _unfold(local_attention_folded(q, k, v, segment_length, scale), q.shape[0], q.shape[1])
+    if cu_seqlens is None:
+        return _unfold(local_attention_folded(q, k, v, segment_length, scale), q.shape[0], q.shape[1])
+    layout = packed_layout(cu_seqlens, q.shape[0], q.shape[1], segment_length, q.device)
+    out = local_attention_folded(pack(q, layout), pack(k, layout), pack(v, layout), layout.N, scale)
+    return unpack(_unfold(out, layout.n * layout.N, 1), layout)  # [s, 1, hq, dv]
 
 
 #: Elements per temporary of the per-chunk loops: about 2 MB of float32 on CPU, so each chunk's
@@ -251,7 +290,8 @@ class _DeltaStates(torch.autograd.Function):
         Mz[j + 1] = Mz[j] + [sigma(K_j)^T (V_j - sigma(K_j) M_j / (sigma(K_j) z_j + eps)) | sum_t sigma(K_j,t)]
 
     k [s, b, hkv, dk], v [s, b, hkv, dv], Mz0 (b, hkv, dk, dv + 1) float32 ->
-    (n + 1, b, hkv, dk, dv + 1) float32. Sequential over segments (each update reads the state
+    (n + 1, b, hkv, dk, dv + 1) float32; Mz[j] = 0 for j in `resets` (segments that start a
+    packed document; Mz0 is then unused). Sequential over segments (each update reads the state
     the previous one left); the backward walks the segments in reverse with the chain rule
     written out, recomputing each segment's read from the saved states, so the temporaries
     are a segment's worth and autograd keeps no per-segment graph.
@@ -259,20 +299,22 @@ class _DeltaStates(torch.autograd.Function):
 
     @staticmethod
     @autocast_off
-    def forward(ctx, k, v, Mz0, w, N, eps):
+    def forward(ctx, k, v, Mz0, w, N, eps, resets=frozenset()):
         s, b, hkv, dk = k.shape
         dv = v.shape[3]
         segs = _segments(s, N)
         states = torch.empty(len(segs) + 1, b, hkv, dk, dv + 1, dtype=torch.float32, device=k.device)
         states[0] = Mz0
         for j, start, T in segs:
+            if j in resets:  # a document starts here: from an empty memory
+                states[j].zero_()
             sk = _sigma_(_heads(k, start, T))  # (b, hkv, T, dk)
             u = _delta_values(sk @ states[j], _heads(v, start, T), eps)
             if w is not None:  # write strengths scale the rows written
                 u.mul_(_heads(w, start, T))
             states[j + 1] = states[j] + sk.transpose(-1, -2) @ u
         ctx.save_for_backward(k, v, states, w)
-        ctx.N, ctx.eps = N, eps
+        ctx.N, ctx.eps, ctx.resets = N, eps, resets
         return states
 
     @staticmethod
@@ -309,9 +351,11 @@ class _DeltaStates(torch.autograd.Function):
             g_sk = W @ torch.cat([G, Mz], dim=-1).transpose(-1, -2)  # (b, hkv, T, dk)
             G += sk.transpose(-1, -2) @ W[..., dv1:]  # through the read of Mz[j]
             G += grad_states[j]  # now dL/dMz[j]
+            if j in ctx.resets:  # Mz[j] was reset to zero: nothing flows to the previous document
+                G.zero_()
             _heads(grad_v, start, T).copy_(g_u)
             _heads(grad_k, start, T).copy_(g_sk.mul_(sk.clamp_(max=1.0)))  # sigma'(k) = min(sigma(k), 1)
-        return grad_k, grad_v, G, grad_w, None, None
+        return grad_k, grad_v, G, grad_w, None, None, None
 
 
 def _delta_values(read: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
@@ -395,19 +439,21 @@ class _RetrieveAndGate(torch.autograd.Function):
         return grad_q, grad_Mz, grad_a, grad_beta, None
 
 
-def _forward(q, k, v, gate, q_local, k_local, M0, z0, N, update, scale, eps, a_dot=None, write=None):
+def _forward(q, k, v, gate, q_local, k_local, M0, z0, N, update, scale, eps, a_dot=None, write=None, doc_start=None):
     """The op over one block. `a_dot`: the local attention in folded layout [b*n, hq, N, dv]
     when already computed (see `ops.context.infini_attention_deferred`), else computed here.
-    `write`: optional write strengths [s, b, hkv]."""
+    `write`: optional write strengths [s, b, hkv]. `doc_start`: optional [n] long, each
+    segment's document's first segment (-1: the document continuing from M0, z0); the memory
+    restarts from zero at each document (packed input, `ops.packed`)."""
     s = q.shape[0]
     N = min(N, s)  # one short segment when the input is shorter than a segment
     if a_dot is None:
         a_dot = local_attention_folded(q_local, k_local, v, N, scale)  # [b*n, hq, N, dv]
-    return _memory_path(q, k, v, gate, a_dot, M0, z0, N, update, eps, write)
+    return _memory_path(q, k, v, gate, a_dot, M0, z0, N, update, eps, write, doc_start)
 
 
 @autocast_off
-def _memory_path(q, k, v, gate, a_dot, M0, z0, N, update, eps, write=None):
+def _memory_path(q, k, v, gate, a_dot, M0, z0, N, update, eps, write=None, doc_start=None):
     """Retrieval, update and gate of `_forward`, in float32 whatever the caller's autocast."""
     # Memory path in float32, M and z side by side as Mz = [M | z] (b, hkv, dk, dv + 1), so one
     # matmul reads both the retrieval and its normaliser.
@@ -419,11 +465,24 @@ def _memory_path(q, k, v, gate, a_dot, M0, z0, N, update, eps, write=None):
             w = write.float().unsqueeze(-1)  # [s, b, hkv, 1]
             deltas = _LinearDeltas.apply(k, torch.cat([v.float() * w, w], dim=-1), N)[..., :-1]
         cum = torch.cumsum(deltas, dim=0)  # (n, b, hkv, dk, dv + 1)
-        Mz_prev = torch.cat([Mz0.unsqueeze(0), Mz0 + cum[:-1]], dim=0)
-        Mz_last = Mz0 + cum[-1]
+        if doc_start is None:
+            Mz_prev = torch.cat([Mz0.unsqueeze(0), Mz0 + cum[:-1]], dim=0)
+            Mz_last = Mz0 + cum[-1]
+        else:  # prefix sums restarting at each document: minus the sum before the document's first segment
+            excl = torch.cat([torch.zeros_like(cum[:1]), cum[:-1]], dim=0)  # (n, b, hkv, dk, dv + 1)
+            first = Mz0.unsqueeze(0) * (doc_start < 0).view(-1, 1, 1, 1, 1)  # M0 for the continued document
+            Mz_prev = excl - excl[doc_start.clamp(min=0)] + first
+            # A document's first segment reads exactly zero, through `where`: its retrieval gradient
+            # (~1/eps on an empty memory) must not enter the difference above, where it would cancel
+            # only up to rounding and leak into the previous document's keys and values.
+            starts = doc_start == torch.arange(len(doc_start), device=doc_start.device)  # (n,)
+            Mz_prev = torch.where(starts.view(-1, 1, 1, 1, 1), torch.zeros_like(Mz_prev), Mz_prev)
+            Mz_last = Mz_prev[-1] + deltas[-1]
     else:  # delta rule: sequential, each update reads the state the previous one left
         w = None if write is None else write.float().unsqueeze(-1)  # [s, b, hkv, 1]
-        states = _DeltaStates.apply(k, v, Mz0, w, N, eps)  # (n + 1, b, hkv, dk, dv + 1)
+        resets = frozenset() if doc_start is None else frozenset(  # segments that start a document
+            (doc_start == torch.arange(len(doc_start), device=doc_start.device)).nonzero().flatten().tolist())
+        states = _DeltaStates.apply(k, v, Mz0, w, N, eps, resets)  # (n + 1, b, hkv, dk, dv + 1)
         Mz_prev, Mz_last = states[:-1], states[-1]
 
     out = _RetrieveAndGate.apply(q, Mz_prev, a_dot, torch.sigmoid(gate.float()), eps)  # [s, b, hq, dv]

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from ._common import EPS, Memory, autocast_off, check_inputs, check_write, empty_memory, sigma
+from .packed import check_cu_seqlens
 
 
 @autocast_off  # the reference computes in float32 whatever the caller's autocast
@@ -33,10 +34,25 @@ def infini_attention_naive(
     softmax_scale: Optional[float] = None,
     eps: float = EPS,
     write: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ):
-    """Reference Infini-attention; same contract as `megatron_infini.ops.infini_attention`."""
+    """Reference Infini-attention; same contract as `megatron_infini.ops.infini_attention`.
+    Packed input (`cu_seqlens`): the documents are run one by one, each from an empty memory
+    (the first from `memory`); the memory returned is the last document's."""
     s, b, hq, hkv, dk, dv = check_inputs(q, k, v, gate, segment_length, update, memory, q_local, k_local)
     check_write(write, s, b, hkv)
+    if cu_seqlens is not None:
+        cu = check_cu_seqlens(cu_seqlens, s, b)
+        outs = []
+        for i, (a, c) in enumerate(zip(cu, cu[1:])):
+            doc = slice(a, c)
+            out, memory = infini_attention_naive(
+                q[doc], k[doc], v[doc], gate, segment_length=segment_length, update=update,
+                memory=memory if i == 0 else None, softmax_scale=softmax_scale, eps=eps,
+                q_local=None if q_local is None else q_local[doc], k_local=None if k_local is None else k_local[doc],
+                write=None if write is None else write[doc])
+            outs.append(out)
+        return torch.cat(outs, dim=0), memory
     g = hq // hkv
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(dk)
     q_local = q if q_local is None else q_local

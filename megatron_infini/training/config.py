@@ -45,23 +45,48 @@ class ParallelConfig:
 class DataConfig:
     """Tokenized training data (see tools/preprocess_data.py)."""
 
-    train_data: str = ""
-    """Prefix of the preprocessed training data (.bin/.idx); empty: the corpus shipped with the package."""
-    valid_data: str = ""
-    """Prefix of preprocessed validation data; empty: the shipped validation play when train_data is
-    empty too, else no validation."""
+    train_data: Any = ""
+    """Prefix of the preprocessed training data (.bin/.idx); empty: the corpus shipped with the package.
+    Or a blend, Megatron's weighted list `[0.7, prefix_a, 0.3, prefix_b]` (YAML list, or the text
+    "0.7 prefix_a 0.3 prefix_b"): each sample comes from one corpus, in shares equal to the
+    normalised weights, deterministically (megatron_infini.data.blend)."""
+    valid_data: Any = ""
+    """Prefix (or weighted list, as train_data) of preprocessed validation data; empty: the shipped
+    validation play when train_data is empty too, else no validation."""
     train_loss_weights: str = ""
     """Prefix of per-token loss weights aligned with train_data (an indexed dataset with the same
     document lengths, e.g. written by `megatron-infini eval passkey-data --answer-weight`): the
-    loss of predicting token t is weighted by weight[t], loss = sum(w * l) / sum(w); empty: all 1."""
+    loss of predicting token t is weighted by weight[t], loss = sum(w * l) / sum(w); empty: all 1.
+    Not with a blended train_data."""
     tokenizer: str = ""
     """Tokenizer the data was made with: a sentencepiece .model, a Hugging Face tokenizer.json, or a
     directory holding one; empty: the tokenizer shipped with the package."""
     seed: int = 1234
     """Seed of the document order."""
+    reset_attention_mask: bool = False
+    """Documents do not see each other (Megatron's flag): each document of a window starts from an
+    empty Infini memory with its own segments and local attention. The trainer finds the document
+    starts after every EOS and passes the micro batch as one packed sequence [1, b * s] with
+    PackedSeqParams (qkv_format thd); window edges are boundaries too. Off: windows are read as
+    one stream each, across documents (docs/data.md)."""
+    reset_position_ids: bool = False
+    """Position ids restart at 0 at each document (Megatron's flag; the position after each EOS)."""
+    eod_mask_loss: bool = False
+    """No loss where the input token is EOS, i.e. on predicting a document's first token from the
+    previous document (Megatron's flag; the EOS itself is still a label)."""
 
     def validate(self, prefix: str = "data") -> None:
-        pass  # paths are checked when the data is opened, with the file named
+        # paths are checked when the data is opened, with the file named
+        from megatron_infini.data.blend import parse_blend
+
+        for key in ("train_data", "valid_data"):
+            try:
+                parse_blend(getattr(self, key), f"{prefix}.{key}")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        if self.train_loss_weights and len(parse_blend(self.train_data)) > 1:
+            raise ConfigError(f"{prefix}.train_loss_weights is aligned with one corpus; it cannot be "
+                              f"combined with a blended {prefix}.train_data")
 
 
 @dataclass
@@ -262,6 +287,13 @@ class Config:
                 f"x model.segment_length ({m.segment_length}) = {cp * m.segment_length}: each context-parallel "
                 "rank holds whole segments"
             )
+        if self.data.reset_attention_mask and cp > 1:
+            raise ConfigError(f"data.reset_attention_mask is not supported with parallel.context_parallel_size "
+                              f"({cp}) > 1 yet: the Infini layer's memory relay does not take document "
+                              "boundaries; use context_parallel_size 1")
+        if self.data.reset_attention_mask and m.memory_repeat_max > 1:
+            raise ConfigError("data.reset_attention_mask does not combine with model.memory_repeat_max > 1 (the "
+                              "augmentation draws per segment of the unpacked input); set one of them off")
         tp = self.parallel.tensor_model_parallel_size
         groups = m.num_query_groups or m.num_attention_heads
         if m.num_attention_heads % tp or groups % tp:

@@ -20,6 +20,7 @@ from megatron.core import parallel_state as ps
 from megatron_infini.checkpointing import CheckpointManager, restore_rng
 from megatron_infini.checkpointing import rng as rng_state
 from megatron_infini.data import SHAKESPEARE_TOKENIZER, SHAKESPEARE_TRAIN_PREFIX, SHAKESPEARE_VALID_PREFIX
+from megatron_infini.data.blend import BlendedDataset, open_dataset, parse_blend
 from megatron_infini.data.dataset import PackedDocumentDataset, check_vocab
 from megatron_infini.data.preprocess import check_tokenizer, read_metadata
 from megatron_infini.data.tokenizer import Tokenizer
@@ -28,6 +29,7 @@ from megatron_infini.layers.attention import set_memory_repeat, write_penalty
 from megatron_infini.layers.compressive import reconstruction_loss, reconstruction_stats
 
 from . import early_stop, exit_codes, faults
+from .batches import batch_loss, model_kwargs, prepare_batch
 from .config import Config, ConfigError, dump_yaml
 from .distributed import all_reduce_max, seed_everything
 from .engine import build_engine, use_bf16
@@ -67,11 +69,12 @@ class StopRequest:
 
 
 def resolve_data(cfg: Config):
-    """Training/validation prefixes and tokenizer path; the shipped corpus when none is given."""
-    train = cfg.data.train_data or SHAKESPEARE_TRAIN_PREFIX
-    valid = cfg.data.valid_data or ("" if cfg.data.train_data else SHAKESPEARE_VALID_PREFIX)
+    """Training and validation blends ([(weight, prefix)], see data.blend; [] for no validation)
+    and the tokenizer path; the shipped corpus when none is given."""
+    train = parse_blend(cfg.data.train_data) or [(1.0, str(SHAKESPEARE_TRAIN_PREFIX))]
+    valid = parse_blend(cfg.data.valid_data) or ([] if cfg.data.train_data else [(1.0, str(SHAKESPEARE_VALID_PREFIX))])
     tokenizer = cfg.data.tokenizer or SHAKESPEARE_TOKENIZER
-    return str(train), str(valid), str(tokenizer)
+    return train, valid, str(tokenizer)
 
 
 def peak_memory_gb() -> float:
@@ -86,11 +89,11 @@ class Trainer:
         self.rank = dist.get_rank()
         self.dp = cfg.check_world(dist.get_world_size())
         self.dp_rank = ps.get_data_parallel_rank()
-        train_prefix, valid_prefix, tok_path = resolve_data(cfg)
+        train_blend, valid_blend, tok_path = resolve_data(cfg)
 
         # Cheap checks first: data and tokenizer problems surface before any model is built.
         tokenizer = Tokenizer(tok_path)
-        for prefix in filter(None, (train_prefix, valid_prefix)):
+        for _, prefix in train_blend + valid_blend:
             try:
                 check_tokenizer(read_metadata(prefix), tokenizer, prefix)
             except ValueError as e:
@@ -101,14 +104,14 @@ class Trainer:
         check_vocab(tokenizer.vocab_size, self.vocab_size)
         kw = dict(seq_length=cfg.train.seq_length, seed=cfg.data.seed, dp_rank=self.dp_rank,
                   dp_world_size=self.dp, model_vocab_size=self.vocab_size)
-        self.train_data = PackedDocumentDataset(train_prefix, **kw)
-        self.valid_data = PackedDocumentDataset(valid_prefix, shuffle=False, **kw) if valid_prefix else None
+        self.train_data = open_dataset(train_blend, **kw)
+        self.valid_data = open_dataset(valid_blend, shuffle=False, **kw) if valid_blend else None
         self.train_weights = None  # same windows as train_data (same document lengths and order)
         if cfg.data.train_loss_weights:
             self.train_weights = PackedDocumentDataset(cfg.data.train_loss_weights, **{**kw, "model_vocab_size": None})
             if not np.array_equal(self.train_weights.doc_lengths, self.train_data.doc_lengths):
                 raise ConfigError(f"data.train_loss_weights {cfg.data.train_loss_weights!r} does not match "
-                                  f"data.train_data {train_prefix!r}: document lengths differ")
+                                  f"data.train_data {train_blend[0][1]!r}: document lengths differ")
 
         seed_everything(cfg.train.seed)
         self.model = build_model(cfg, self.vocab_size, bf16=use_bf16(cfg))
@@ -171,23 +174,12 @@ class Trainer:
 
     def forward_loss(self, tokens: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Mean next-token loss of tokens [b, s + 1]; with weights [b, s + 1] (weight of each
-        token as a label), sum(w * loss) / sum(w) over this rank's tokens."""
-        tokens = tokens.to(self.device)
-        inputs, labels = tokens[:, :-1], tokens[:, 1:]  # [b, s]
-        w = None if weights is None else weights[:, 1:].to(self.device).float()  # [b, s]
-        s = inputs.shape[1]
-        position_ids = torch.arange(s, device=self.device).unsqueeze(0).expand_as(inputs)
-        if self.cfg.parallel.context_parallel_size > 1:  # this rank's contiguous block [b, s / cp]
-            from megatron_infini.parallel import split_for_context_parallel
-
-            cp_group, n = ps.get_context_parallel_group(), self.cfg.model.segment_length
-            inputs, labels, position_ids = (split_for_context_parallel(t, 1, cp_group, n)
-                                            for t in (inputs, labels, position_ids))
-            w = None if w is None else split_for_context_parallel(w, 1, cp_group, n)
-        per_token = self.engine(inputs, position_ids, None, labels=labels)  # [b, s / cp]
-        if w is None:
-            return per_token.float().mean()
-        return (per_token.float() * w).sum() / w.sum().clamp(min=1.0)
+        token as a label), sum(w * loss) / sum(w) over the sequence (training.batches)."""
+        cp_group = ps.get_context_parallel_group() if self.cfg.parallel.context_parallel_size > 1 else None
+        batch = prepare_batch(tokens, weights, self.cfg, self.tokenizer.eos_id, self.device, cp_group)
+        per_token = self.engine(batch.inputs, batch.position_ids, None, labels=batch.labels,
+                                **model_kwargs(batch))  # like labels: [b, s / cp] or [1, b * s / cp]
+        return batch_loss(per_token, batch.loss_mask, cp_group)
 
     def _dp_mean(self, value: torch.Tensor) -> float:
         value = value.detach().clone().to(self.device)
@@ -264,6 +256,8 @@ class Trainer:
                     "skipped_steps": self.skipped_steps,
                     **gate_stats(self.model), **memory_stats(self.model), **reconstruction_stats(self.model),
                 }
+                if isinstance(self.train_data, BlendedDataset):  # samples/<corpus>: global, so far
+                    metrics.update(self.train_data.corpus_samples())
                 if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
                     metrics["val_loss"] = self.evaluate()
                 logger.log(self.step, metrics)

@@ -1,0 +1,107 @@
+"""Packed documents: several documents in one input, each on its own (flash-attn "varlen").
+
+A packed input has batch 1 and `cu_seqlens` (int [num_docs + 1], cu[0] = 0, cu[-1] = s):
+document d holds tokens cu[d] .. cu[d+1]-1. Each document is cut into segments from its own
+first token, starts from an empty memory and attends only to its own tokens, so the packed
+call gives what each document gives when run alone.
+
+The fast op runs packed input in a *padded segment layout*: every document's segments are laid
+one after another, each padded to N rows (padding only at the end of a document's last
+segment), [n * N, 1, h, d] with n = sum_d ceil(len_d / N). Then every segment holds one
+document's tokens from row 0, so the unpacked machinery applies unchanged: one fused SDPA over
+the folded segments (padded keys sit after every real query: causality hides them), padded
+rows write nothing (write strength 0), and the memory restarts at each document's first
+segment (`doc_start`). No loop over documents.
+
+Legend: s tokens of the packed input, N segment length, n segments of all documents,
+D documents.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+
+class PackedLayout(NamedTuple):
+    index: torch.Tensor
+    """[s] long: the row of each token in the padded layout [n * N]."""
+    n: int
+    """Segments of all documents."""
+    N: int
+    """Segment length of the layout: min(segment_length, longest document)."""
+    doc_start: torch.Tensor
+    """[n] long: each segment's document's first segment; -1 for the first document's segments
+    (they start from the op's `memory`, the others from an empty memory)."""
+    positions: torch.Tensor
+    """[s] long: each token's position inside its document."""
+
+
+def check_cu_seqlens(cu_seqlens, s: int, b: int) -> list:
+    """Validate packed-sequence boundaries; return them as a list of ints (one host sync)."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
+            or cu_seqlens.is_floating_point() or cu_seqlens.is_complex():
+        got = (f"{cu_seqlens.dtype} {list(cu_seqlens.shape)}" if isinstance(cu_seqlens, torch.Tensor)
+               else type(cu_seqlens).__name__)
+        raise ValueError(f"cu_seqlens must be a 1-D integer tensor [num_docs + 1], got {got}")
+    if b != 1:
+        raise ValueError(f"packed input (cu_seqlens given) must have batch size 1, got {b}: "
+                         "flatten the batch into one packed sequence")
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0 or cu[-1] != s:
+        raise ValueError(f"cu_seqlens must start at 0 and end at the sequence length {s}, got {cu[0]} .. {cu[-1]}")
+    if any(a >= c for a, c in zip(cu, cu[1:])):
+        raise ValueError(f"cu_seqlens must be strictly increasing (every document holds a token), got {cu}")
+    return cu
+
+
+def packed_layout(cu_seqlens: torch.Tensor, s: int, b: int, segment_length: int, device=None) -> PackedLayout:
+    """The padded segment layout of a packed input of `s` tokens, batch `b` (must be 1; see the
+    module docstring). ValueError on bad boundaries."""
+    cu = torch.tensor(check_cu_seqlens(cu_seqlens, s, b), dtype=torch.long)  # [D + 1], on the host
+    lengths = cu[1:] - cu[:-1]  # [D]
+    N = min(segment_length, int(lengths.max()))
+    nseg = (lengths + N - 1) // N  # [D] segments per document
+    seg_off = torch.cumsum(nseg, 0) - nseg  # [D] first segment of each document
+    n = int(nseg.sum())
+    D = lengths.numel()
+    doc = torch.repeat_interleave(torch.arange(D), lengths, output_size=s)  # [s] document of each token
+    pos = torch.arange(s) - cu[doc]  # [s] position inside the document
+    index = (seg_off[doc] + pos // N) * N + pos % N  # [s]
+    seg_doc = torch.repeat_interleave(torch.arange(D), nseg, output_size=n)  # [n] document of each segment
+    doc_start = torch.where(seg_doc == 0, -1, seg_off[seg_doc])  # [n]
+    return PackedLayout(index.to(device), n, N, doc_start.to(device), pos.to(device))
+
+
+def document_positions(cu_seqlens: torch.Tensor, s: int) -> torch.Tensor:
+    """[s] long: each token's position inside its document (0 at every document's first token),
+    on cu_seqlens' device; e.g. for RoPE that restarts at each document."""
+    cu = torch.tensor(check_cu_seqlens(cu_seqlens, s, 1), dtype=torch.long)
+    doc = torch.repeat_interleave(torch.arange(cu.numel() - 1), cu[1:] - cu[:-1], output_size=s)
+    return (torch.arange(s) - cu[doc]).to(cu_seqlens.device)
+
+
+def pack(x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    """[s, ...] -> [n * N, ...] in the padded layout, zeros on the padding (differentiable)."""
+    out = x.new_zeros((layout.n * layout.N,) + tuple(x.shape[1:]))
+    return out.index_copy(0, layout.index, x)
+
+
+def unpack(x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    """[n * N, ...] -> [s, ...]: the rows of the real tokens (differentiable)."""
+    return x.index_select(0, layout.index)
+
+
+def write_mask(layout: PackedLayout, write: Optional[torch.Tensor], b: int, hkv: int, device) -> torch.Tensor:
+    """Write strengths [n * N, b, hkv] float32 in the padded layout: `write` (or 1) on the real
+    tokens, 0 on the padding, so padded rows never reach the memory."""
+    if write is None:
+        write = torch.ones(layout.index.numel(), b, hkv, dtype=torch.float32, device=device)
+    return pack(write.float(), layout)
+
+
+def relative_doc_start(doc_start: torch.Tensor, first: int) -> torch.Tensor:
+    """`doc_start` of segments first.. counted from segment `first`: -1 where the document
+    started before `first` (those segments continue from the memory passed in)."""
+    return torch.where(doc_start >= first, doc_start - first, -1)

@@ -1,0 +1,129 @@
+"""Packed documents through Megatron's own interface: a stock GPTModel with our spec, input
+[1, S] and `PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, ...)`, gives per-token losses
+and parameter gradients equal to every document run alone from an empty memory.
+
+Documents (segment 8): 5 tokens (shorter than a segment), 8 (exactly one), 19 (several, not a
+multiple), 8 (starts mid-segment of the packed input); write strengths on, GQA (4 heads, 2
+groups). One spawn of 2 gloo processes: TP=1 (both rules), then TP=2 + sequence parallel.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _dist import gather_full, reinit_model_parallel, run_distributed
+from test_megatron_layer import _tp, build
+
+LENGTHS = [5, 8, 19, 8]
+SEG = 8
+VOCAB = 128
+
+
+def _cu():
+    return torch.tensor([0] + torch.tensor(LENGTHS).cumsum(0).tolist(), dtype=torch.int32)
+
+
+def packed_params(cu):
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    longest = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
+def build_packed(update, **fields):
+    """Tiny model, segment 8, write strengths with distinct (TP-split) per-group weights."""
+    model = build(memory_update=update, segment_length=SEG, memory_write_gate="sigmoid", **fields)
+    tp, rank = _tp()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("core_attention.write_weight"):
+                full = torch.randn(2, p.shape[1], generator=g) * 0.5  # [groups, hn]
+                n = 2 // tp
+                p.copy_(full[rank * n:(rank + 1) * n])
+    return model
+
+
+def _grads(model):
+    return {n: gather_full(p.grad, p) for n, p in model.named_parameters() if p.grad is not None}
+
+
+def packed_step(model, ids, labels, cu):
+    """Per-token losses [1, S] and full gradients of their sum, the documents packed."""
+    model.zero_grad()
+    from megatron_infini.ops.packed import document_positions
+
+    pos = document_positions(cu, ids.shape[1]).unsqueeze(0)  # [1, S]: restarting at each document
+    losses = model(ids, pos, None, labels=labels, packed_seq_params=packed_params(cu))  # [1, S]
+    losses.sum().backward()
+    return losses.detach(), _grads(model)
+
+
+def alone_step(model, ids, labels, cu):
+    """The same, every document run alone from an empty memory."""
+    model.zero_grad()
+    bounds = cu.tolist()
+    losses = []
+    for a, c in zip(bounds, bounds[1:]):
+        pos = torch.arange(c - a).unsqueeze(0)
+        loss = model(ids[:, a:c], pos, None, labels=labels[:, a:c])  # [1, L]
+        loss.sum().backward()
+        losses.append(loss.detach())
+    return torch.cat(losses, dim=1), _grads(model)
+
+
+def _same(got, ref, what):
+    from torch.testing import assert_close
+
+    assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5, msg=lambda m: f"{what}: losses\n{m}")
+    assert got[1].keys() == ref[1].keys(), what
+    for n in ref[1]:
+        assert_close(got[1][n], ref[1][n], rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}: grad {n}\n{m}")
+
+
+def _checks(rank, world_size):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (1, sum(LENGTHS)), generator=g)
+    labels = torch.roll(ids, -1, dims=1)
+    cu = _cu()
+    refs = {}
+    for update in ("linear", "delta"):
+        refs[update] = alone_step(build_packed(update), ids, labels, cu)
+        _same(packed_step(build_packed(update), ids, labels, cu), refs[update], f"TP=1 packed ({update})")
+    # packing matters: without cu_seqlens the documents see each other
+    unpacked = build_packed("linear")(ids, torch.arange(ids.shape[1]).unsqueeze(0), None, labels=labels)
+    assert not torch.allclose(unpacked.detach(), refs["linear"][0], atol=1e-3)
+    _refusals(ids, cu)
+
+    reinit_model_parallel(tp=2)
+    for update in ("linear", "delta"):
+        got = packed_step(build_packed(update, sequence_parallel=True), ids, labels, cu)
+        _same(got, refs[update], f"TP=2 + SP packed ({update})")
+    return True
+
+
+def test_packed_gpt_model_equals_documents_alone_tp1_and_tp2_sp():
+    assert run_distributed(_checks, 2, tp=1) == [True, True]
+
+
+def _refusals(ids, cu):
+    """Refusals: carry across calls, qkv_format other than thd, unequal q/kv boundaries."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megatron_infini.streaming import set_memory_carry
+
+    pos = torch.arange(ids.shape[1]).unsqueeze(0)
+    model = build_packed("linear")
+    n = ids.shape[1]
+    for params, match in (
+        (PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=n, max_seqlen_kv=n),
+         "qkv_format"),
+        (PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu // 2, max_seqlen_q=n, max_seqlen_kv=n),
+         "cu_seqlens_kv"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            model(ids, pos, None, packed_seq_params=params)
+    set_memory_carry(model, True)
+    with pytest.raises(ValueError, match="memory carry"):
+        model(ids, pos, None, packed_seq_params=packed_params(cu))
