@@ -7,7 +7,6 @@ modeling file's model, which must give the same logits on inputs of any length (
 of the segment), also token by token through its constant-size cache, in batches padded left
 or right, and the same greedy generations. Options the file cannot express are refused."""
 
-import json
 import os
 import sys
 
@@ -44,7 +43,12 @@ def _config(kind):
     return cfg
 
 
-def _megatron_reference(rank, world_size, kind, tokens):
+def _megatron_references(rank, world_size, tokens):
+    """`_megatron_reference` of every kind, in one spawned process."""
+    return {kind: _megatron_reference(kind, tokens) for kind in KINDS}
+
+
+def _megatron_reference(kind, tokens):
     """Our model with perturbed gates / write parameters / norms: its TP=1 state dict, config and
     the logits of one forward call over `tokens` [b, s] (the streaming evaluation's logits)."""
     from megatron_infini.training.config import to_dict
@@ -81,11 +85,19 @@ def hf_model(sd, cfg):
     return model
 
 
-@pytest.fixture(scope="module", params=list(KINDS))
-def pair(request):
-    tokens = torch.randint(0, VOCAB, (2, 5 * N + 7), generator=torch.Generator().manual_seed(1))
-    ((sd, cfg, ref),) = run_distributed(_megatron_reference, 1, request.param, tokens, tp=1)
-    return request.param, hf_model(sd, cfg), tokens, ref
+TOKENS = torch.randint(0, VOCAB, (2, 5 * N + 7), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def references():
+    (refs,) = run_distributed(_megatron_references, 1, TOKENS, tp=1)
+    return refs
+
+
+@pytest.fixture(params=list(KINDS))
+def pair(request, references):
+    sd, cfg, ref = references[request.param]
+    return request.param, hf_model(sd, cfg), TOKENS, ref
 
 
 def test_forward_equals_our_model_at_any_length(pair):
@@ -174,6 +186,19 @@ def test_export_refuses_what_it_cannot_express(key, value):
         infini_llama_config(cfg, VOCAB)
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_config_fields_round_trip(kind):
+    """A directory without our full config (megatron_infini_config) is read from its own fields."""
+    from megatron_infini.hf.export import infini_llama_config, model_fields
+    from megatron_infini.training.config import to_dict
+
+    cfg = to_dict(_config(kind))
+    hc = infini_llama_config(cfg, VOCAB)
+    again = infini_llama_config({**cfg, "model": {**cfg["model"], **model_fields(hc)}}, VOCAB)
+    drop = lambda d: {k: v for k, v in d.items() if k != "megatron_infini_config"}  # noqa: E731
+    assert drop(again) == drop(hc)
+
+
 def test_modeling_files_stand_alone():
     """The copied files import nothing of ours (torch and transformers only), and the advertised
     length matches."""
@@ -184,3 +209,60 @@ def test_modeling_files_stand_alone():
         assert "megatron" not in src.replace("megatron-infini", "").lower(), name
         assert len(src.splitlines()) <= 500
     assert export.UNBOUNDED_LENGTH == configuration_infini_llama.UNBOUNDED_LENGTH
+
+
+def test_cache_size_is_constant_during_generation(pair):
+    """After every whole segment the cache holds the same numbers: the memory, plus the keys and
+    values of < N pending tokens."""
+    kind, model, tokens, _ = pair
+    cfg = model.config
+    sizes = {}
+    with torch.no_grad():
+        out = model(tokens[:1, :N + 1], use_cache=True)  # pending: 1 token
+        cache = out.cache
+        for step in range(4 * N):
+            nxt = out.logits[:, -1:].argmax(-1)
+            out = model(nxt, cache=cache, use_cache=True)
+            sizes.setdefault(int(cache.pending[0]), set()).add(cache.numel())
+    assert all(len(s) == 1 for s in sizes.values()), sizes  # same pending length, same size
+    per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * cfg.num_hidden_layers
+    memory_layers = sum(cfg.layer_has_memory(i) for i in range(cfg.num_hidden_layers))
+    memory = memory_layers * cfg.num_key_value_heads * cfg.head_dim * (cfg.head_dim + 1)
+    assert max(max(s) for s in sizes.values()) == memory + (N - 1) * per_token
+
+
+MEMORY_SCRIPT = """
+import resource, torch
+from megatron_infini.hf.configuration_infini_llama import InfiniLlamaConfig
+from megatron_infini.hf.modeling_infini_llama import InfiniLlamaForCausalLM
+torch.manual_seed(0)
+cfg = InfiniLlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, segment_length=64)
+model = InfiniLlamaForCausalLM(cfg).eval()
+n, chunk = {n}, 4096
+ids = torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(1))
+with torch.no_grad():
+    cache = None
+    for start in range(0, n, chunk):  # the prompt through forward in chunks, memory carried
+        cache = model(ids[:, start:start + chunk], cache=cache, use_cache=True, logits_to_keep=1).cache
+    out = model.generate(ids, cache=cache, max_new_tokens=32, do_sample=False, pad_token_id=0, eos_token_id=None)
+assert out.shape[1] == n + 32
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, cache.numel())
+"""
+
+
+@pytest.mark.slow
+def test_generate_peak_memory_does_not_grow_with_the_prompt():
+    """Peak resident memory of a process that reads a 64K-token prompt (in 4K chunks) and then
+    generates is within 5% of the one that reads 8K tokens; the caches hold the same numbers."""
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    res = {}
+    for n in (8192, 65536):
+        p = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT.format(n=n)],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+        assert p.returncode == 0, p.stdout[-3000:]
+        res[n] = [int(x) for x in p.stdout.split()[-2:]]
+    assert res[8192][1] == res[65536][1]
+    assert res[65536][0] <= 1.05 * res[8192][0], res

@@ -341,10 +341,11 @@ def load_hf(hf_dir: str, base_config: Optional[dict] = None) -> dict:
         cfg = to_dict(Config())
     cfg = json.loads(json.dumps(cfg))  # a private copy
     m = cfg["model"]
-    if hc.get("model_type") == "infini_llama":  # our export: the modeling file's fields
+    if hc.get("model_type") == "infini_llama":  # our export: its full config, else the modeling file's fields
         from megatron_infini.hf.export import model_fields
 
-        m.update(model_fields(hc))
+        if "megatron_infini_config" not in hc:
+            m.update(model_fields(hc))
     else:
         m.update(num_layers=hc["num_hidden_layers"], hidden_size=hc["hidden_size"],
                  ffn_hidden_size=hc["intermediate_size"], num_attention_heads=hc["num_attention_heads"],
