@@ -15,6 +15,7 @@ from test_hf_export import to_hf
 from train_utils import run_cli
 
 pytest.importorskip("lm_eval")
+pytest.importorskip("accelerate")  # lm_eval --model hf needs it (lm-eval[hf], in the eval extra)
 
 ARGS = dict(lengths="200,300", depths="0,0.5", samples=5, key_digits=5)  # 20 prompts
 
