@@ -245,7 +245,8 @@ with torch.no_grad():
     cache = None
     for start in range(0, n - 1, chunk):  # the prompt but its last token through forward in chunks
         cache = model(ids[:, start:min(start + chunk, n - 1)], cache=cache, use_cache=True, logits_to_keep=1).cache
-    out = model.generate(ids, cache=cache,  # reads the last prompt token, then generates max_new_tokens=32, do_sample=False, pad_token_id=0, eos_token_id=None)
+    # generate() reads the last prompt token, then generates
+    out = model.generate(ids, cache=cache, max_new_tokens=32, do_sample=False, pad_token_id=0, eos_token_id=None)
 assert out.shape[1] == n + 32
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, cache.numel())
 """
