@@ -345,7 +345,7 @@ def test_convert_round_trip_and_train_at_tp2(base_runs, tmp_path):
         for k, v in a["model"].items():
             assert torch.equal(v, other["model"][k]), k
     hf_cfg = json.load(open(tmp_path / "hf" / "config.json"))
-    assert hf_cfg["model_type"] == "llama" and hf_cfg["num_key_value_heads"] == 2
+    assert hf_cfg["model_type"] == "infini_llama" and hf_cfg["num_key_value_heads"] == 2
 
     first = {}
     for tp in (2, 1):

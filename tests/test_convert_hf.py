@@ -1,7 +1,8 @@
 """tools/convert_hf_llama.py: a tiny random Llama made with `transformers` (no download) becomes
 our checkpoint; with memory off and one segment as long as the input, logits equal HF's, also
 with Llama 3's RoPE scaling. The Llama 3 scaling of the rotary frequencies equals HF's and
-Megatron's. Export back (tools/convert_checkpoint.py to-hf) loads in transformers as is."""
+Megatron's. Export back (tools/convert_checkpoint.py to-hf) loads in transformers
+(trust_remote_code) and gives the original logits."""
 
 import json
 import os
@@ -179,11 +180,14 @@ def test_export_loads_in_transformers_with_its_tokenizer(tmp_path):
                        text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:]
 
-    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "export", trust_remote_code=True)
     assert auto(text)["input_ids"] == ours_tok.encode(text, bos=True)
     assert auto.decode(ours_tok.encode(text)) == text
-    exported = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "export").eval()
-    assert exported.config.eos_token_id == 399 and exported.config.rope_parameters["rope_type"] == "llama3"
+    # the export is an infini_llama directory (megatron_infini/hf): with memory off and one segment
+    # as long as the input it computes what the original Llama computes
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export", trust_remote_code=True).eval()
+    assert exported.config.eos_token_id == 399 and exported.config.llama3_rope_scaling["factor"] == 8.0
+    assert len(transformers.AutoTokenizer.from_pretrained(tmp_path / "export", trust_remote_code=True)) == 400
     tokens = torch.tensor([ours_tok.encode(text, bos=True)[:48]])
     with torch.no_grad():
         torch.testing.assert_close(exported(tokens).logits, hf(tokens).logits, atol=1e-5, rtol=1e-5)

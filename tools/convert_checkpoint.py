@@ -1,7 +1,7 @@
 """Convert megatron-infini checkpoints to and from one-file formats.
 
     python tools/convert_checkpoint.py to-torch  CKPT OUT.pt      # TP=1 state dict + config
-    python tools/convert_checkpoint.py to-hf     CKPT OUT_DIR     # Llama layout + Infini gates
+    python tools/convert_checkpoint.py to-hf     CKPT OUT_DIR     # Hugging Face infini_llama directory
     python tools/convert_checkpoint.py from-torch IN.pt OUT_CKPT
     python tools/convert_checkpoint.py from-hf   HF_DIR OUT_CKPT [--config CONFIG.yaml]
 
@@ -10,6 +10,12 @@ tensor-parallel size; it is verified against its manifest first). OUT_CKPT is a 
 checkpoint in our format that trains at any tensor-parallel size:
 `checkpoint.resume=OUT_CKPT` (step 0, fresh optimizer). See megatron_infini/checkpointing/convert.py
 for the layouts. Runs in one process on CPU.
+
+`to-hf` writes a directory that transformers loads with `trust_remote_code=True`
+(AutoConfig, AutoModelForCausalLM, AutoTokenizer): the modeling file copied into it runs the
+segments and the memory (megatron_infini/hf/). Options it cannot express (memory_type
+compressive / xl, memory_free_attention xl, LayerNorm, GELU) are refused (exit 2).
+`from-hf` reads such a directory back, or a plain Llama directory.
 """
 
 from __future__ import annotations
@@ -43,7 +49,11 @@ def main(argv=None) -> int:
             torch.save(blob, args.out)
             out = args.out
         else:
-            out = convert.save_hf(blob, args.out)
+            try:
+                out = convert.save_hf(blob, args.out)
+            except ValueError as e:
+                print(f"convert_checkpoint to-hf: error: {e}", file=sys.stderr)
+                return 2
     elif args.cmd == "from-torch":
         blob = torch.load(args.src, weights_only=True, map_location="cpu")
         out = convert.torch_to_checkpoint(blob, args.out)

@@ -7,7 +7,14 @@ Megatron's fused layouts, undone here:
     linear_qkv.weight [ng * (hpg + 2) * hn, h]: per query group, its hpg query heads, then its
         key head, then its value head (so a TP split by rows keeps whole groups).
     linear_fc1.weight [2f, h] (SwiGLU): rows [0, f) the gate projection, [f, 2f) the up projection.
-The Infini gate logits beta of layer i [nh] become `model.layers.{i}.self_attn.infini_gate`.
+The Infini gate logits beta of layer i [nh] become `model.layers.{i}.self_attn.infini_gate`,
+its write-gate parameters (memory_write_gate) `...self_attn.infini_write_weight` [ng, hn] and
+`...self_attn.infini_write_bias` [ng].
+
+`to-hf` writes an "infini_llama" directory (megatron_infini/hf/): config.json with our own
+model_type and an auto_map to the modeling file copied beside the weights, which runs the
+segments and the memory (`trust_remote_code=True`); options it cannot express are refused.
+`from-hf` reads such a directory back, and plain Llama directories as before.
 
 A "torch" file is {"model": TP=1 state dict, "config": resolved config dict, "vocab_size": V,
 "step": step, "tokenizer": path of the tokenizer file (optional; copied into checkpoints made
@@ -29,6 +36,8 @@ from .manager import dist_save, resolve_checkpoint
 
 Tensor = torch.Tensor
 INFINI_GATE = "infini_gate"
+#: our core-attention parameter -> its name in the Hugging Face layout (under self_attn.)
+INFINI_PARAMS = {"gate": INFINI_GATE, "write_weight": "infini_write_weight", "write_bias": "infini_write_bias"}
 
 
 # --------------------------------------------------------------------------- name mapping (pure)
@@ -65,9 +74,9 @@ def megatron_to_hf(sd: Dict[str, Tensor], model_cfg: dict) -> Dict[str, Tensor]:
         out[o + "self_attn.k_proj.weight"] = qkv[:, hpg].reshape(ng * hn, h)
         out[o + "self_attn.v_proj.weight"] = qkv[:, hpg + 1].reshape(ng * hn, h)
         out[o + "self_attn.o_proj.weight"] = sd[m + "self_attention.linear_proj.weight"]
-        gate = sd.get(m + "self_attention.core_attention.gate")
-        if gate is not None:  # absent when memory is disabled
-            out[o + "self_attn." + INFINI_GATE] = gate
+        for ours, theirs in INFINI_PARAMS.items():  # absent in layers without memory (or write gate)
+            if m + "self_attention.core_attention." + ours in sd:
+                out[o + "self_attn." + theirs] = sd[m + "self_attention.core_attention." + ours]
         fc1 = sd[m + "mlp.linear_fc1.weight"]  # [2f, h]
         f = fc1.shape[0] // 2
         out[o + "mlp.gate_proj.weight"], out[o + "mlp.up_proj.weight"] = fc1[:f], fc1[f:]
@@ -93,8 +102,9 @@ def hf_to_megatron(hf: Dict[str, Tensor], model_cfg: dict) -> Dict[str, Tensor]:
         qkv = torch.cat([q.view(ng, hpg, hn, h), k.view(ng, 1, hn, h), v.view(ng, 1, hn, h)], dim=1)
         sd[m + "self_attention.linear_qkv.weight"] = qkv.reshape(ng * (hpg + 2) * hn, h)
         sd[m + "self_attention.linear_proj.weight"] = hf[o + "self_attn.o_proj.weight"]
-        if o + "self_attn." + INFINI_GATE in hf:
-            sd[m + "self_attention.core_attention.gate"] = hf[o + "self_attn." + INFINI_GATE]
+        for ours, theirs in INFINI_PARAMS.items():
+            if o + "self_attn." + theirs in hf:
+                sd[m + "self_attention.core_attention." + ours] = hf[o + "self_attn." + theirs]
         sd[m + "mlp.linear_fc1.weight"] = torch.cat([hf[o + "mlp.gate_proj.weight"], hf[o + "mlp.up_proj.weight"]])
         sd[m + "mlp.linear_fc2.weight"] = hf[o + "mlp.down_proj.weight"]
         sd[m + "input_layernorm.weight"] = hf[o + "input_layernorm.weight"]
@@ -138,7 +148,9 @@ def hf_rope_config(m: dict) -> dict:
 
 
 def hf_config(cfg: dict, vocab_size: int) -> dict:
-    """config.json of the Llama model (Infini settings and our full config kept alongside)."""
+    """config.json of the plain Llama with our shape (Infini settings and our full config kept
+    alongside): what it computes equals our model only with memory off on inputs of at most one
+    segment; `to-hf` writes `megatron_infini.hf.export.infini_llama_config` instead."""
     from megatron_infini.training.model import ffn_size
     from megatron_infini.training.config import ModelConfig
 
@@ -271,19 +283,31 @@ def torch_to_checkpoint(blob: dict, out_dir: str) -> str:
 
 
 def save_hf(blob: dict, out_dir: str) -> str:
-    """Write config.json, model.safetensors (pytorch_model.bin without safetensors) and, when
-    the blob names its tokenizer, the tokenizer files (tokenizer.json or tokenizer.model, and
-    tokenizer_config.json)."""
+    """Write an infini_llama directory (megatron_infini/hf/): config.json (auto_map to the
+    copied configuration / modeling files), generation_config.json, model.safetensors
+    (pytorch_model.bin without safetensors) and, when the blob names its tokenizer, the
+    tokenizer files (tokenizer.json or tokenizer.model, and tokenizer_config.json).
+
+    Raises:
+        ValueError: an option the modeling file cannot express (`megatron_infini.hf.export`).
+    """
+    from megatron_infini.hf import export
+
+    hc = export.infini_llama_config(blob["config"], blob["vocab_size"])  # refuses before writing anything
     os.makedirs(out_dir, exist_ok=True)
     tensors = megatron_to_hf(blob["model"], blob["config"]["model"])
-    hc = hf_config(blob["config"], blob["vocab_size"])
+    export.write_model_files(out_dir)
+    special, tokenizer_vocab = (None, None, None), None
     if blob.get("tokenizer"):  # AutoTokenizer loads out_dir as is
         from megatron_infini.data.tokenizer import Tokenizer, write_export_files
 
         tok = Tokenizer(blob["tokenizer"])
         write_export_files(tok, out_dir)
-        hc.update(bos_token_id=tok.bos_id if tok.bos_id >= 0 else None, eos_token_id=tok.eos_id,
-                  pad_token_id=tok.pad_id)
+        export.unbounded_tokenizer_config(out_dir)
+        special = (tok.bos_id if tok.bos_id >= 0 else None, tok.eos_id, tok.pad_id)
+        tokenizer_vocab = tok.vocab_size
+        hc.update(bos_token_id=special[0], eos_token_id=special[1], pad_token_id=special[2])
+    export.write_generation_config(out_dir, *special, tokenizer_vocab, blob["vocab_size"])
     with open(os.path.join(out_dir, "config.json"), "w") as fh:
         json.dump(hc, fh, indent=1)
     try:
@@ -298,8 +322,9 @@ def save_hf(blob: dict, out_dir: str) -> str:
 
 
 def load_hf(hf_dir: str, base_config: Optional[dict] = None) -> dict:
-    """A Llama directory (ours or foreign) -> the "torch" blob. Our own exports carry the full
-    config; otherwise `base_config` (a resolved config dict) gives the non-model sections."""
+    """An infini_llama directory (`save_hf`) or a Llama directory (ours or foreign) -> the
+    "torch" blob. Our own exports carry the full config; otherwise `base_config` (a resolved
+    config dict) gives the non-model sections."""
     with open(os.path.join(hf_dir, "config.json")) as fh:
         hc = json.load(fh)
     st = os.path.join(hf_dir, "model.safetensors")
@@ -316,14 +341,20 @@ def load_hf(hf_dir: str, base_config: Optional[dict] = None) -> dict:
         cfg = to_dict(Config())
     cfg = json.loads(json.dumps(cfg))  # a private copy
     m = cfg["model"]
-    m.update(num_layers=hc["num_hidden_layers"], hidden_size=hc["hidden_size"],
-             ffn_hidden_size=hc["intermediate_size"], num_attention_heads=hc["num_attention_heads"],
-             num_query_groups=hc.get("num_key_value_heads", hc["num_attention_heads"]),
-             untie_embeddings=not hc.get("tie_word_embeddings", False),
-             normalization="RMSNorm", activation="swiglu", vocab_size=hc["vocab_size"], **hf_rope_fields(hc))
-    m.update(hc.get("infini_attention", {}))
-    if not any(k.endswith(INFINI_GATE) for k in tensors):
-        m["memory_enabled"] = False  # a plain Llama: no gates, no memory
+    if hc.get("model_type") == "infini_llama":  # our export: its full config, else the modeling file's fields
+        from megatron_infini.hf.export import model_fields
+
+        if "megatron_infini_config" not in hc:
+            m.update(model_fields(hc))
+    else:
+        m.update(num_layers=hc["num_hidden_layers"], hidden_size=hc["hidden_size"],
+                 ffn_hidden_size=hc["intermediate_size"], num_attention_heads=hc["num_attention_heads"],
+                 num_query_groups=hc.get("num_key_value_heads", hc["num_attention_heads"]),
+                 untie_embeddings=not hc.get("tie_word_embeddings", False),
+                 normalization="RMSNorm", activation="swiglu", vocab_size=hc["vocab_size"], **hf_rope_fields(hc))
+        m.update(hc.get("infini_attention", {}))
+        if not any(k.endswith(INFINI_GATE) for k in tensors):
+            m["memory_enabled"] = False  # a plain Llama: no gates, no memory
     blob = {"model": hf_to_megatron(tensors, m), "config": cfg, "vocab_size": hc["vocab_size"], "step": 0}
     if hf_tokenizer_path(hf_dir):
         blob["tokenizer"] = hf_tokenizer_path(hf_dir)
