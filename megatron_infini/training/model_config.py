@@ -121,6 +121,10 @@ class ModelConfig:
         if self.memory_write_l1 and self.memory_write_gate == "none":
             raise ConfigError(f"{prefix}.memory_write_l1 needs learned write strengths: set {prefix}.memory_write_gate "
                               "to hard or sigmoid")
+        if self.memory_write_l1 and self.recompute_layers:
+            raise ConfigError(f"{prefix}.memory_write_l1 > 0 with {prefix}.recompute_layers=true: the recomputed layers run "
+                              "their forward without autograd, so the penalty would get no gradient; bound activation "
+                              f"memory with {prefix}.checkpoint_segments instead")
         layers = self.memory_layers
         if layers is not None and (not isinstance(layers, (list, tuple)) or not layers
                                    or any(isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= self.num_layers
