@@ -98,6 +98,10 @@ def build_model(cfg: Config, vocab_size: int, bf16: bool = False):
         from megatron_infini.parallel import setup_context_parallel
 
         setup_context_parallel(model)
+    if cfg.model.loss_chunk_tokens:
+        from megatron_infini.layers.lm_loss import enable_chunked_lm_loss
+
+        enable_chunked_lm_loss(model, cfg.model.loss_chunk_tokens)
     if torch.cuda.is_available():
         model.cuda()
     if cfg.train.compile:

@@ -90,6 +90,11 @@ class ModelConfig:
     """Separate input embedding and output layer (Llama)."""
     recompute_layers: bool = False
     """Full activation recomputation of every transformer layer."""
+    loss_chunk_tokens: int = 0
+    """0: Megatron's output layer and loss (float32 logits of every token: at 32K tokens x 128K
+    vocab ~16 GB per sample). k > 0: the LM head and its cross-entropy run in chunks of k tokens,
+    logits recomputed in backward (`megatron_infini.layers.lm_loss`): the same loss and
+    gradients with O(k x vocab) extra memory; 4096 suits long sequences."""
     transformer_impl: str = "auto"
     """auto (Transformer Engine's linear layers with fused norms when `transformer_engine` imports,
     else Megatron's local layers) | transformer_engine | local. See `megatron_infini.spec`."""
@@ -112,6 +117,7 @@ class ModelConfig:
                       self.segment_length if self.xl_memory_length is None else self.xl_memory_length, 1)
         _one_of(f"{prefix}.memory_write_gate", self.memory_write_gate, ("none", "hard", "sigmoid"))
         _at_least(f"{prefix}.memory_write_l1", self.memory_write_l1, 0)
+        _at_least(f"{prefix}.loss_chunk_tokens", self.loss_chunk_tokens, 0)
         _at_least(f"{prefix}.memory_write_l1_start", self.memory_write_l1_start, 0)
         _at_least(f"{prefix}.memory_repeat_max", self.memory_repeat_max, 1)
         _at_least(f"{prefix}.memory_repeat_start", self.memory_repeat_start, 0)
