@@ -86,11 +86,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         target = torch.empty(n, dtype=torch.float32, device=hidden.device)  # [n]
         for i in range(0, n, chunk):
             logits = (hidden[i:i + chunk] @ weight.t()).float()  # [c, v]
-            top = _all_reduce(logits.max(dim=-1).values, dist.ReduceOp.MAX, group, size)  # [c]
-            sum_exp = _all_reduce(torch.exp(logits - top.unsqueeze(-1)).sum(dim=-1), dist.ReduceOp.SUM, group, size)
             picked = logits.gather(-1, local[i:i + chunk].unsqueeze(-1)).squeeze(-1)  # [c]
             target[i:i + chunk] = _all_reduce(picked * mine[i:i + chunk], dist.ReduceOp.SUM, group, size)
-            lse[i:i + chunk] = top + torch.log(sum_exp)
+            top = _all_reduce(logits.max(dim=-1).values, dist.ReduceOp.MAX, group, size)  # [c]
+            sum_exp = logits.sub_(top.unsqueeze(-1)).exp_().sum(dim=-1)  # in place: one [c, v] buffer
+            lse[i:i + chunk] = top + torch.log(_all_reduce(sum_exp, dist.ReduceOp.SUM, group, size))
+            del logits
         ctx.save_for_backward(hidden, weight, local, mine, lse)
         ctx.chunk = chunk
         return lse - target
@@ -105,10 +106,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for i in range(0, hidden.shape[0], chunk):
             h = hidden[i:i + chunk]  # [c, h]
             # d loss / d logits = softmax - onehot(label), times the token's incoming gradient
-            g = torch.exp((h @ weight.t()).float() - lse[i:i + chunk].unsqueeze(-1))  # [c, v]
+            g = (h @ weight.t()).float().sub_(lse[i:i + chunk].unsqueeze(-1)).exp_()  # [c, v] softmax
             rows = torch.arange(g.shape[0], device=g.device)
             g[rows, local[i:i + chunk]] -= mine[i:i + chunk].float()
-            g = (g * grad_loss[i:i + chunk].unsqueeze(-1)).to(weight.dtype)  # [c, v]
+            g = g.mul_(grad_loss[i:i + chunk].unsqueeze(-1)).to(weight.dtype)  # [c, v]
             grad_hidden[i:i + chunk] = g @ weight
             grad_weight.add_(g.t() @ h)  # [v, h], accumulated in float32
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None

@@ -98,6 +98,10 @@ class ModelConfig:
     transformer_impl: str = "auto"
     """auto (Transformer Engine's linear layers with fused norms when `transformer_engine` imports,
     else Megatron's local layers) | transformer_engine | local. See `megatron_infini.spec`."""
+    fusions: str = "auto"
+    """auto (on CUDA, Megatron's fused kernels that apply: bias + activation, bias + dropout +
+    add, RoPE with Transformer Engine, cross-entropy; none on CPU) | off. See
+    `megatron_infini.fusions`."""
     fp8: Optional[str] = None
     """FP8 linear layers (Transformer Engine only, Hopper or newer): null | hybrid | e4m3."""
 
@@ -151,6 +155,7 @@ class ModelConfig:
                 raise ConfigError(str(e)) from None
         _one_of(f"{prefix}.transformer_impl", self.transformer_impl, ("auto", "transformer_engine", "local"))
         _one_of(f"{prefix}.fp8", self.fp8, (None, "hybrid", "e4m3"))
+        _one_of(f"{prefix}.fusions", self.fusions, ("auto", "off"))
         if self.fp8 and self.transformer_impl == "local":
             raise ConfigError(f"{prefix}.fp8 needs Transformer Engine: set {prefix}.transformer_impl to auto or transformer_engine")
         if self.hidden_size % self.num_attention_heads:
