@@ -37,14 +37,15 @@ def _case(impl, n, vocab, hidden, chunk, device, queue):
 
     torch.manual_seed(0)
     if impl == "before":  # Megatron's function reads its tensor-parallel group (size 1 here)
-        import os
+        import socket
 
         import torch.distributed as dist
         from megatron.core import parallel_state
 
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + n % 1000))
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        with socket.socket() as sock:  # a free local port
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
         parallel_state.initialize_model_parallel(1)
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
     else:
