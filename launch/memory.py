@@ -13,7 +13,9 @@ cannot fit before it waits in the queue.
   scores 5*a*s*N*b/TP: Infini-attention scores only the local segment of N tokens, so the
   paper's a*s^2 becomes a*s*N. With full layer recomputation only each layer's input is
   kept (2*s*b*h/TP-or-not) plus one layer's activations.
-- logits: s*b*V*8/TP bytes (fp32 logits and their gradient in the cross-entropy).
+- logits: s*b*V*8/TP bytes (fp32 logits and their gradient in the cross-entropy); with
+  `model.loss_chunk_tokens` = c > 0 (the chunked LM loss) min(c, s*b)*V*8/TP + V*h*4/TP
+  (one chunk's logits and gradient, and the output weight's fp32 gradient accumulator).
 
 s = train.seq_length, b = micro batch, h = hidden size, a = attention heads, N = segment length,
 V = vocabulary (32000 when the config leaves it to the tokenizer). The numbers are meant to be
@@ -65,7 +67,9 @@ def estimate_memory_gb(model, parallel, zero_stage: int, micro_batch: int, seq_l
         activations = model.num_layers * 2 * s * b * h / (tp if sp else 1) + layer
     else:
         activations = model.num_layers * layer
-    logits = s * b * (getattr(model, "vocab_size", None) or DEFAULT_VOCAB) * 8 / tp
+    vocab = getattr(model, "vocab_size", None) or DEFAULT_VOCAB
+    chunk = getattr(model, "loss_chunk_tokens", 0) or 0
+    logits = (min(chunk, s * b) * vocab * 8 + vocab * h * 4) / tp if chunk else s * b * vocab * 8 / tp
     return (1.1 * (states + activations + logits) + 2 * GIB) / GIB
 
 

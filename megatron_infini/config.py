@@ -69,7 +69,8 @@ class InfiniTransformerConfig(TransformerConfig):
     sparsity penalty that drives the strengths of tokens the loss does not need to exactly 0
     ("hard"). Measured on a tiny passkey model (docs/generalisation.md): from the first step it
     empties the memory before retrieval is learned; the trainer's `model.memory_write_l1_start`
-    delays it."""
+    delays it. Not with recompute_granularity="full" (the recomputed forward has no autograd,
+    the penalty would get no gradient); checkpoint_segments keeps it."""
 
     memory_repeat_max: int = 1
     """Training-time augmentation of the memory's length, R >= 1 (1: off, the paper). In a
@@ -174,6 +175,12 @@ class InfiniTransformerConfig(TransformerConfig):
         if lam and self.memory_write_gate == "none":
             raise ValueError("memory_write_l1 > 0 needs learned write strengths: set memory_write_gate to 'hard' "
                              "or 'sigmoid'")
+        if lam and self.recompute_granularity == "full":
+            # Megatron's CheckpointFunction runs the layer's forward under no_grad: the penalty
+            # the trainer adds to the loss would be a constant (tests/test_recompute_losses.py).
+            raise ValueError("memory_write_l1 > 0 with recompute_granularity='full': the recomputed forward runs "
+                             "without autograd, so the penalty would get no gradient; use checkpoint_segments "
+                             "(recomputation inside the op, which keeps it) to bound activation memory")
         r = self.memory_repeat_max
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"memory_repeat_max must be an integer >= 1 (1: off), got {r!r}")

@@ -11,9 +11,10 @@ Megatron; only modules are chosen here.
 Which linear layers and norms (`transformer_impl`, "auto" by default):
 - "transformer_engine" (auto's choice when `transformer_engine` imports): TE's linear layers,
   the norms fused into the next linear (`TELayerNormColumnParallelLinear`), FP8 when
-  `config.fp8` is set. The block spec's final norm and q/k norms stay our `Norm`; with
-  `sequence_parallel` the block spec keeps our `Norm` before TE's (unfused) linear layers, so
-  norm gradients are reduced correctly under any wrapper (DeepSpeed included).
+  `config.fp8` is set. The block spec's final norm and q/k norms stay our `Norm`. With
+  `sequence_parallel` each rank's fused norm sees its part of the sequence: the fused norm
+  weights' gradients are summed over the tensor-parallel group by a hook
+  (`layers.norms.sum_grad_over_tp`), so they are right under any wrapper (DeepSpeed included).
 - "local": Megatron's own linear layers and our `Norm` (Apex's fused kernels when importable).
 The core attention is Infini-attention either way.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttentionSubmodules
@@ -89,8 +91,9 @@ def get_gpt_layer_infini_spec(qk_layernorm: bool = False, memory_type: str = "in
     `memory_type` (`get_gpt_block_infini_spec(config)` takes it from the config).
 
     transformer_impl: see the module docstring; "local" needs neither Apex nor TE.
-    fuse_norms (TE only): fold each norm into the next linear layer. Under Megatron's DDP
-    that is right with sequence parallelism too; under other wrappers use the block spec.
+    fuse_norms (TE only): fold each norm into the next linear layer (TE's
+    `TELayerNormColumnParallelLinear`; with sequence parallelism its norm gradients are summed
+    over the tensor-parallel group under any wrapper).
 
     Passed to `GPTModel` as is, Megatron adds its *own* final norm; without TE it would be
     torch's (refuses `sequence_parallel=True`) or Apex's `FusedLayerNorm` (refuses RMSNorm),
@@ -139,7 +142,7 @@ def _te_layer_spec(qk_layernorm: bool, fuse_norms: bool, memory_type: str) -> Mo
     )
 
     qk_norm = ModuleSpec(module=Norm, params={"per_head": True}) if qk_layernorm else IdentityOp
-    column = TELayerNormColumnParallelLinear if fuse_norms else TEColumnParallelLinear
+    column = _sequence_parallel_norm_linear(TELayerNormColumnParallelLinear) if fuse_norms else TEColumnParallelLinear
     norm = IdentityOp if fuse_norms else Norm
     self_attention, core_attention = _attention_modules(memory_type)
     # Fused norms live in the linear layers; their checkpoint keys are the local spec's, so a
@@ -170,6 +173,30 @@ def _te_layer_spec(qk_layernorm: bool, fuse_norms: bool, memory_type: str) -> Mo
     )
 
 
+def _sequence_parallel_norm_linear(base: type) -> type:
+    """`base` (TE's norm + column-parallel linear) whose norm weights' gradients are summed over
+    the tensor-parallel group under sequence parallelism, whatever wraps the model (Megatron's
+    DDP does it in `finalize_model_grads`, DeepSpeed does not)."""
+    if base not in _NORM_LINEAR:
+        from megatron_infini.layers.norms import sum_grad_over_tp
+
+        class SequenceParallelNormLinear(base):
+            def __init__(self, *args, config: TransformerConfig, **kwargs):
+                super().__init__(*args, config=config, **kwargs)
+                if config.sequence_parallel and config.tensor_model_parallel_size > 1:
+                    for name in ("layer_norm_weight", "layer_norm_bias"):
+                        p = getattr(self, name, None)
+                        if isinstance(p, torch.nn.Parameter):
+                            sum_grad_over_tp(p, kwargs.get("tp_group"))
+
+        SequenceParallelNormLinear.__name__ = SequenceParallelNormLinear.__qualname__ = "Infini" + base.__name__
+        _NORM_LINEAR[base] = SequenceParallelNormLinear
+    return _NORM_LINEAR[base]
+
+
+_NORM_LINEAR: dict = {}
+
+
 def get_gpt_block_infini_spec(config: TransformerConfig, qk_layernorm: bool = False,
                               transformer_impl: str = "auto") -> ModuleSpec:
     """Spec of the whole decoder: `config.num_layers` layers with the memory of
@@ -178,13 +205,13 @@ def get_gpt_block_infini_spec(config: TransformerConfig, qk_layernorm: bool = Fa
     Accepted by `GPTModel(transformer_layer_spec=...)` like a layer spec; use it whenever
     `sequence_parallel=True` (works without Apex / Transformer Engine, and the final norm's
     gradient is reduced correctly under any wrapper). With Transformer Engine and sequence
-    parallelism the norms are not fused (see the module docstring). With
+    parallelism too the norms are fused (see the module docstring). With
     `config.memory_free_attention="xl"` the layers without memory are Transformer-XL layers
     (`megatron_infini.layers.compressive`, no compressed memory).
     """
     def layer(memory_type: str) -> ModuleSpec:
         return get_gpt_layer_infini_spec(qk_layernorm=qk_layernorm, memory_type=memory_type,
-                                         transformer_impl=transformer_impl, fuse_norms=not config.sequence_parallel)
+                                         transformer_impl=transformer_impl)
 
     main = layer(getattr(config, "memory_type", "infini"))
     if getattr(config, "memory_free_attention", "segment") != "xl":

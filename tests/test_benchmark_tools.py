@@ -61,3 +61,14 @@ def test_bench_checkpoint_writes_and_reads_the_model(tmp_path):
     res = json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
     assert res["params"] > 0 and res["save_s"] > 0 and res["load_s"] > 0, res
     assert res["checkpoint_gb"] >= 3 * res["params"] * 4 / 1e9 * 0.99, res  # fp32 weights + exp_avg + exp_avg_sq
+
+
+def test_bench_loss_memory_reports_ratios(tmp_path):
+    out = tmp_path / "loss.json"
+    text = _tool("bench_loss_memory.py", "--before", 256, "--after", 256, "--vocab", 4096, "--hidden", 16,
+                 "--chunk", 64, "--json", out)
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows.keys() == {"before", "after"} and rows["before"]["extra_mib"] > 0, rows
+    assert abs(rows["before"]["loss"] - rows["after"]["loss"]) < 1e-2  # the same loss, both ways
+    ratio = rows["after"]["extra_mib"] / rows["before"]["extra_mib"]
+    assert re.search(rf"^\s+256\s+\S+\s+\S+\s+{ratio:.3f}\s", text, re.M), text

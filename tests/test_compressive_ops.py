@@ -193,3 +193,38 @@ def test_memory_footprint_tool_reports_the_compressive_memory(capsys):
     assert memory_footprint.main([os.path.join(repo, "configs", "debug.yaml"), "model.memory_type=compressive"]) == 0
     # debug.yaml: 2 key/value heads x 16, N = 64 -> n_m = n_cm = 64 by default
     assert f"{2 * (64 + 64) * (2 * 16 + 1):,d} values per layer" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------- fused kernels with GQA + mask
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_sdpa_cuda_form_matches(dtype):
+    """sdpa_masked's CUDA form (k/v expanded to the query heads, additive mask in the compute
+    dtype: what the memory-efficient kernel takes) equals the GQA + boolean-mask call."""
+    from megatron_infini.ops.sdpa import sdpa_masked
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(6, 4, 8, 16, generator=g).to(dtype)
+    k, v = (torch.randn(6, 2, 12, 16, generator=g).to(dtype) for _ in range(2))
+    allowed = torch.rand(6, 1, 8, 12, generator=g) > 0.4
+    allowed[..., -1] = True  # every row attends somewhere
+    ref = sdpa_masked(q, k, v, allowed, 0.3, expand_kv=False)
+    got = sdpa_masked(q, k, v, allowed, 0.3, expand_kv=True)
+    assert_close(got, ref, **({} if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)))
+
+
+@pytest.mark.gpu
+def test_compressive_gqa_runs_without_math_kernel():
+    """On CUDA, bf16 with grouped-query heads: the op runs with SDPA's math kernel switched off."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(64, 2, 8, 64, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(64, 2, 2, 64, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    comp = mean_pool_compressor(2, 64, 2, dtype=torch.bfloat16, device="cuda")
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        out, _, _ = compressive_attention(q, k, v, (comp, comp), segment_length=16, memory_length=16,
+                                          compressed_memory_length=8, compression_rate=2)
+        out.float().sum().backward()
+    assert torch.isfinite(q.grad).all()

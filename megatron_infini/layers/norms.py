@@ -113,6 +113,24 @@ class Norm(torch.nn.Module):
         return F.layer_norm(x, shape, w, b, self.eps)
 
 
+def sum_grad_over_tp(param: torch.nn.Parameter, tp_group=None) -> None:
+    """Make `param`'s gradient the sum of its per-rank gradients over the tensor-parallel group,
+    under any wrapper: a hook sums each backward's gradient before it is accumulated (DeepSpeed
+    included). For parameters whose module owns them, so that they cannot be routed like `Norm`'s
+    (Transformer Engine's fused norm weights under sequence parallelism). Also marks them
+    `average_gradients_across_tp_domain`, so Megatron's DDP does not sum them again (see the
+    module docstring)."""
+    group = tp_group if tp_group is not None else get_tensor_model_parallel_group()
+
+    def summed(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=group)
+        return grad
+
+    param.register_hook(summed)
+    param.average_gradients_across_tp_domain = True
+
+
 def allreduce_sequence_parallel_grads(model: torch.nn.Module, tp_group=None) -> int:
     """Sum over the tensor-parallel group the gradients that Megatron leaves to its own DDP.
 

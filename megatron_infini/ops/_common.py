@@ -10,6 +10,7 @@ Shape legend (Megatron order, sequence first):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple, Optional, Tuple
 
@@ -35,11 +36,14 @@ class Dims(NamedTuple):
 
 
 def autocast_off(fn):
-    """Run `fn` with autocast off on the device type of its first tensor argument.
+    """Run `fn` with autocast off on the device type of its first tensor argument, and its
+    float32 matmuls in full float32 (`ieee_fp32_matmuls`).
 
     For the memory path (and the autograd functions' forwards and backwards): under
     `torch.autocast(dtype=torch.bfloat16)` its matmuls would otherwise run in bf16 and the
-    float32 memory state would drift (~3e-3 relative after 8K tokens). The local softmax
+    float32 memory state would drift (~3e-3 relative after 8K tokens); under TF32 (NGC images
+    set `TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1`) or `torch.set_float32_matmul_precision("medium")`
+    (bf16 on CPUs with oneDNN bf16) they would lose the same precision. The local softmax
     attention stays outside, so it still runs in the autocast dtype.
     """
 
@@ -50,10 +54,44 @@ def autocast_off(fn):
             if isinstance(a, torch.Tensor):
                 device = a.device.type
                 break
-        with torch.autocast(device_type=device, enabled=False):
+        with torch.autocast(device_type=device, enabled=False), ieee_fp32_matmuls():
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+#: The per-backend float32 matmul settings that `torch.set_float32_matmul_precision` changes.
+_MATMUL_BACKENDS = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+
+
+@contextlib.contextmanager
+def ieee_fp32_matmuls():
+    """float32 matmuls in full float32 inside the block ("highest": no TF32 on CUDA, no bf16
+    on CPU), whatever the global settings (`torch.set_float32_matmul_precision`,
+    `torch.backends.cuda.matmul.allow_tf32`, the backends' `fp32_precision`, or the
+    `TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1` default); they are restored on exit.
+
+    Uses the legacy setter, which keeps torch's legacy and per-backend flags consistent (a
+    mix makes CUDA matmuls raise). Under torch.compile (dynamo cannot trace the settings) it
+    does nothing: a compiled graph's matmuls follow the settings in force where it runs.
+    """
+    if torch.compiler.is_compiling():
+        yield
+        return
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # legacy and per-backend settings were mixed: only the latter restore
+        legacy = None
+    per_backend = [b.fp32_precision for b in _MATMUL_BACKENDS]
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy)
+        for backend, value in zip(_MATMUL_BACKENDS, per_backend):
+            if backend.fp32_precision != value:
+                backend.fp32_precision = value
 
 
 def sigma(x: torch.Tensor) -> torch.Tensor:

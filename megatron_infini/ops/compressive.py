@@ -43,6 +43,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .sdpa import sdpa_masked
+
 CompressiveMemory = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 Compressor = Tuple[torch.Tensor, torch.Tensor]
 
@@ -280,13 +282,15 @@ def compressive_attention(
     angles = None if rope_freqs is None else rope_freqs.to(ct)
     # One fused attention call over (batch, segment) with grouped-query heads; every query sees
     # at least itself, so no row is fully masked. Slot validity is the same for every head.
-    qs = qh.reshape(b, hkv, g, nseg, N, dk).permute(0, 3, 1, 2, 4, 5).reshape(b, nseg, hq, N, dk)
+    # (batch, segment) flattened: 4-D tensors, which the fused kernels take (sdpa_masked).
+    qs = qh.reshape(b, hkv, g, nseg, N, dk).permute(0, 3, 1, 2, 4, 5).reshape(b * nseg, hq, N, dk)
     allowed = wvalid[:, 0, :, None, None, :] & window_mask(W, N, q.device)  # (b, nseg, 1, N, W + N)
-    out = F.scaled_dot_product_attention(
+    out = sdpa_masked(
         rotate(qs, None if angles is None else angles[W:W + N]),
-        rotate(wk, None if angles is None else angles[:W + N]).transpose(1, 2), wv.transpose(1, 2),
-        attn_mask=allowed, scale=scale, enable_gqa=True)  # (b, nseg, hq, N, dv)
-    out = out.transpose(1, 2).reshape(b, hq, nseg * N, dv)[:, :, :s].permute(2, 0, 1, 3).to(q.dtype)  # [s, b, hq, dv]
+        rotate(wk, None if angles is None else angles[:W + N]).transpose(1, 2).reshape(b * nseg, hkv, W + N, dk),
+        wv.transpose(1, 2).reshape(b * nseg, hkv, W + N, dv), allowed.reshape(b * nseg, 1, N, W + N),
+        scale)  # (b nseg, hq, N, dv)
+    out = out.reshape(b, nseg, hq, N, dv).transpose(1, 2).reshape(b, hq, nseg * N, dv)[:, :, :s].permute(2, 0, 1, 3).to(q.dtype)  # [s, b, hq, dv]
     raw = slice(whole * N, whole * N + nm)
     final = (torch.cat([final_c[0], ek[:, :, raw]], dim=2), torch.cat([final_c[1], ev[:, :, raw]], dim=2),
              torch.cat([final_c[2], evalid[:, :, raw]], dim=2))

@@ -74,6 +74,28 @@ def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Option
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
 
 
+def sdpa_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+                scale: Optional[float] = None, expand_kv: Optional[bool] = None) -> torch.Tensor:
+    """SDPA over (B, h, N, d) tensors with grouped-query k/v and a boolean mask, on a fused kernel.
+
+    q (B, hq, N, dk), k (B, hkv, S, dk), v (B, hkv, S, dv), allowed (B or 1, 1, N, S) bool (True:
+    attend; every row needs one) -> (B, hq, N, dv). CPU: the fused kernel takes the mask and GQA
+    as is. CUDA: flash takes no mask; the memory-efficient kernel takes one but not GQA, so k/v
+    are expanded to the query heads and the mask is made additive in the compute dtype.
+    `expand_kv`: default True on CUDA (tests force the CUDA form on CPU).
+    """
+    hq, hkv = q.shape[1], k.shape[1]
+    gqa = hq != hkv
+    if not (q.device.type == "cuda" if expand_kv is None else expand_kv):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
+    if gqa:
+        k = k.repeat_interleave(hq // hkv, dim=1)  # (B, hq, S, dk): query head i reads k/v head i // g
+        v = v.repeat_interleave(hq // hkv, dim=1)
+    dtype = _effective_dtype(q)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
 def _log_once(plan: SdpaPlan, q: torch.Tensor, gqa: bool) -> None:
     key = (plan, q.device.type, _effective_dtype(q), gqa)
     if key in _LOGGED:

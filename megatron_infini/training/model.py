@@ -25,6 +25,7 @@ def ffn_size(m: ModelConfig) -> int:
 def transformer_config(cfg: Config, bf16: bool):
     """The `InfiniTransformerConfig` for this run (Megatron field names)."""
     from megatron_infini.config import InfiniTransformerConfig
+    from megatron_infini.fusions import fusion_fields
 
     m, p = cfg.model, cfg.parallel
     recompute = (
@@ -68,6 +69,8 @@ def transformer_config(cfg: Config, bf16: bool):
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         **({"fp8": m.fp8} if m.fp8 else {}),
+        **fusion_fields(m.fusions, activation_func=F.silu if m.activation == "swiglu" else F.gelu,
+                        gated_linear_unit=m.activation == "swiglu", add_bias_linear=False),
         **recompute,
     )
 
@@ -98,6 +101,10 @@ def build_model(cfg: Config, vocab_size: int, bf16: bool = False):
         from megatron_infini.parallel import setup_context_parallel
 
         setup_context_parallel(model)
+    if cfg.model.loss_chunk_tokens:
+        from megatron_infini.layers.lm_loss import enable_chunked_lm_loss
+
+        enable_chunked_lm_loss(model, cfg.model.loss_chunk_tokens)
     if torch.cuda.is_available():
         model.cuda()
     if cfg.train.compile:

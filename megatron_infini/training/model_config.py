@@ -90,9 +90,18 @@ class ModelConfig:
     """Separate input embedding and output layer (Llama)."""
     recompute_layers: bool = False
     """Full activation recomputation of every transformer layer."""
+    loss_chunk_tokens: int = 0
+    """0: Megatron's output layer and loss (float32 logits of every token: at 32K tokens x 128K
+    vocab ~16 GB per sample). k > 0: the LM head and its cross-entropy run in chunks of k tokens,
+    logits recomputed in backward (`megatron_infini.layers.lm_loss`): the same loss and
+    gradients with O(k x vocab) extra memory; 4096 suits long sequences."""
     transformer_impl: str = "auto"
     """auto (Transformer Engine's linear layers with fused norms when `transformer_engine` imports,
     else Megatron's local layers) | transformer_engine | local. See `megatron_infini.spec`."""
+    fusions: str = "auto"
+    """auto (on CUDA, Megatron's fused kernels that apply: bias + activation, bias + dropout +
+    add, RoPE with Transformer Engine, cross-entropy; none on CPU) | off. See
+    `megatron_infini.fusions`."""
     fp8: Optional[str] = None
     """FP8 linear layers (Transformer Engine only, Hopper or newer): null | hybrid | e4m3."""
 
@@ -112,6 +121,7 @@ class ModelConfig:
                       self.segment_length if self.xl_memory_length is None else self.xl_memory_length, 1)
         _one_of(f"{prefix}.memory_write_gate", self.memory_write_gate, ("none", "hard", "sigmoid"))
         _at_least(f"{prefix}.memory_write_l1", self.memory_write_l1, 0)
+        _at_least(f"{prefix}.loss_chunk_tokens", self.loss_chunk_tokens, 0)
         _at_least(f"{prefix}.memory_write_l1_start", self.memory_write_l1_start, 0)
         _at_least(f"{prefix}.memory_repeat_max", self.memory_repeat_max, 1)
         _at_least(f"{prefix}.memory_repeat_start", self.memory_repeat_start, 0)
@@ -121,6 +131,10 @@ class ModelConfig:
         if self.memory_write_l1 and self.memory_write_gate == "none":
             raise ConfigError(f"{prefix}.memory_write_l1 needs learned write strengths: set {prefix}.memory_write_gate "
                               "to hard or sigmoid")
+        if self.memory_write_l1 and self.recompute_layers:
+            raise ConfigError(f"{prefix}.memory_write_l1 > 0 with {prefix}.recompute_layers=true: the recomputed layers run "
+                              "their forward without autograd, so the penalty would get no gradient; bound activation "
+                              f"memory with {prefix}.checkpoint_segments instead")
         layers = self.memory_layers
         if layers is not None and (not isinstance(layers, (list, tuple)) or not layers
                                    or any(isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= self.num_layers
@@ -141,6 +155,7 @@ class ModelConfig:
                 raise ConfigError(str(e)) from None
         _one_of(f"{prefix}.transformer_impl", self.transformer_impl, ("auto", "transformer_engine", "local"))
         _one_of(f"{prefix}.fp8", self.fp8, (None, "hybrid", "e4m3"))
+        _one_of(f"{prefix}.fusions", self.fusions, ("auto", "off"))
         if self.fp8 and self.transformer_impl == "local":
             raise ConfigError(f"{prefix}.fp8 needs Transformer Engine: set {prefix}.transformer_impl to auto or transformer_engine")
         if self.hidden_size % self.num_attention_heads:
