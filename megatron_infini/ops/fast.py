@@ -33,7 +33,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ._common import EPS, Memory, autocast_off, check_inputs, check_write, empty_memory, pack_memory, unpack_memory
-from .packed import pack, packed_layout, relative_doc_start, unpack, write_mask
+from .packed import pack, pack_qkv, packed_layout, relative_doc_start, unpack, write_mask
 from .sdpa import sdpa_causal
 
 
@@ -104,11 +104,7 @@ def infini_attention(
     # packed documents: run in the padded segment layout [n * N, 1, ...], memory restarting per document
     layout = packed_layout(cu_seqlens, s, b, segment_length, q.device)
     write = write_mask(layout, write, b, hkv, q.device)  # [n * N, 1, hkv]; 0 on the padding
-    q_local = pack(q_local, layout) if q_local is not q else None  # often q itself: packed once
-    k_local = pack(k_local, layout) if k_local is not k else None
-    q, k, v = pack(q, layout), pack(k, layout), pack(v, layout)  # [n * N, 1, h, d]
-    q_local = q if q_local is None else q_local
-    k_local = k if k_local is None else k_local
+    q, k, v, q_local, k_local = pack_qkv(layout, q, k, v, q_local, k_local)  # [n * N, 1, h, d]
     out, memory = _blocks(q, k, v, gate, q_local, k_local, M, z, layout.N, update, scale, eps, write,
                           checkpoint_segments, layout.doc_start)
     return unpack(out, layout), memory

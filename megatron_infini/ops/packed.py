@@ -19,7 +19,7 @@ D documents.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -88,6 +88,14 @@ def pack(x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
     return out.index_copy(0, layout.index, x)
 
 
+def pack_qkv(layout: PackedLayout, q, k, v, q_local, k_local):
+    """q, k, v, q_local, k_local [s, 1, h, d] -> the same in the padded layout [n * N, 1, h, d];
+    q_local / k_local that are q / k themselves are packed once."""
+    pq, pk = pack(q, layout), pack(k, layout)
+    return (pq, pk, pack(v, layout), pq if q_local is q else pack(q_local, layout),
+            pk if k_local is k else pack(k_local, layout))
+
+
 def unpack(x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
     """[n * N, ...] -> [s, ...]: the rows of the real tokens (differentiable)."""
     return x.index_select(0, layout.index)
@@ -105,3 +113,29 @@ def relative_doc_start(doc_start: torch.Tensor, first: int) -> torch.Tensor:
     """`doc_start` of segments first.. counted from segment `first`: -1 where the document
     started before `first` (those segments continue from the memory passed in)."""
     return torch.where(doc_start >= first, doc_start - first, -1)
+
+
+def check_rank_boundaries(cu: list, s_local: int, cp_size: int, segment_length: int) -> None:
+    """Context parallelism over a packed input: rank r holds tokens [r * s_local, (r + 1) * s_local).
+    Each rank boundary must fall on a document boundary or on a segment boundary of the document
+    it cuts (a multiple of segment_length from that document's first token): the memory relay
+    hands over a document's state between whole segments. ValueError naming the boundary."""
+    for r in range(1, cp_size):
+        c = r * s_local
+        d = max(i for i, a in enumerate(cu[:-1]) if a <= c)  # the document holding token c
+        if (c - cu[d]) % segment_length:
+            raise ValueError(
+                f"packed documents with context parallelism: the boundary of context-parallel ranks {r - 1} "
+                f"and {r} (token {c}) falls {c - cu[d]} tokens into document {d} (tokens {cu[d]}..{cu[d + 1] - 1}), "
+                f"not on one of its segment boundaries (multiples of segment_length {segment_length} from its "
+                "first token); lay the documents out so that every rank boundary is a document boundary or a "
+                "segment boundary of the document it cuts, or use context_parallel_size 1")
+
+
+def rank_cu_seqlens(cu: list, start: int, s_local: int) -> Tuple[torch.Tensor, int]:
+    """This rank's share of a packed input, tokens [start, start + s_local): its own cu_seqlens
+    (int32, from 0 to s_local) and the rank where the document holding its first token starts
+    (its own rank's start when a document starts there)."""
+    inner = [a - start for a in cu if start < a < start + s_local]
+    first_doc_start = max(a for a in cu[:-1] if a <= start)
+    return torch.tensor([0, *inner, s_local], dtype=torch.int32), first_doc_start
