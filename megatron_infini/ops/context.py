@@ -63,10 +63,10 @@ def infini_attention_deferred(
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     q_local = q if q_local is None else q_local
     k_local = k if k_local is None else k_local
-    layout = write = doc_start = None
+    layout = write = packing = None
     if cu_seqlens is not None:  # packed documents: the padded segment layout (ops.packed)
         layout = packed_layout(cu_seqlens, s, b, segment_length, q.device)
-        write, doc_start = write_mask(layout, None, b, hkv, q.device), layout.doc_start
+        write, packing = write_mask(layout, None, b, hkv, q.device, update), layout.packing
         q, k, v, q_local, k_local = pack_qkv(layout, q, k, v, q_local, k_local)  # [n * N, 1, h, d]
         segment_length = layout.N
     a_dot = local_attention_folded(q_local, k_local, v, segment_length, scale)  # [b*n, hq, N, dv]
@@ -74,5 +74,5 @@ def infini_attention_deferred(
     check_inputs(q, k, v, gate, segment_length, update, memory, None, None)
     M, z = memory
     out, memory = _forward(q, k, v, gate, q_local, k_local, M, z, segment_length, update, scale, eps, a_dot=a_dot,
-                           write=write, doc_start=doc_start)
+                           write=write, packing=packing)
     return (out if layout is None else unpack(out, layout)), memory

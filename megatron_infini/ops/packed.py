@@ -24,6 +24,27 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 
+class Packing(NamedTuple):
+    """What the memory path needs of a padded segment layout (or of a block of its segments)."""
+
+    doc_start: torch.Tensor
+    """[n] long: each segment's document's first segment; -1 for the segments of the document that
+    continues from the memory passed in (the first one)."""
+    lengths: Tuple[int, ...]
+    """Real (unpadded) rows of each segment."""
+
+    @property
+    def resets(self) -> frozenset:
+        """Segments where a document starts from an empty memory."""
+        return frozenset(j for j, d in enumerate(self.doc_start.tolist()) if d == j)
+
+    def block(self, first: int, count: int) -> "Packing":
+        """Segments first .. first + count - 1, counted from `first` (documents started before
+        it continue from the memory passed in)."""
+        d = self.doc_start[first:first + count]
+        return Packing(torch.where(d >= first, d - first, -1), self.lengths[first:first + count])
+
+
 class PackedLayout(NamedTuple):
     index: torch.Tensor
     """[s] long: the row of each token in the padded layout [n * N]."""
@@ -36,6 +57,8 @@ class PackedLayout(NamedTuple):
     (they start from the op's `memory`, the others from an empty memory)."""
     positions: torch.Tensor
     """[s] long: each token's position inside its document."""
+    packing: Packing
+    """Per segment: its document's first segment and its real rows."""
 
 
 def check_cu_seqlens(cu_seqlens, s: int, b: int) -> list:
@@ -71,7 +94,11 @@ def packed_layout(cu_seqlens: torch.Tensor, s: int, b: int, segment_length: int,
     index = (seg_off[doc] + pos // N) * N + pos % N  # [s]
     seg_doc = torch.repeat_interleave(torch.arange(D), nseg, output_size=n)  # [n] document of each segment
     doc_start = torch.where(seg_doc == 0, -1, seg_off[seg_doc])  # [n]
-    return PackedLayout(index.to(device), n, N, doc_start.to(device), pos.to(device))
+    seg_in_doc = torch.arange(n) - seg_off[seg_doc]  # [n]
+    lengths = (lengths[seg_doc] - seg_in_doc * N).clamp(max=N)  # [n] real rows of each segment
+    doc_start = doc_start.to(device)
+    return PackedLayout(index.to(device), n, N, doc_start, pos.to(device),
+                        Packing(doc_start, tuple(lengths.tolist())))
 
 
 def document_positions(cu_seqlens: torch.Tensor, s: int) -> torch.Tensor:
@@ -101,18 +128,18 @@ def unpack(x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
     return x.index_select(0, layout.index)
 
 
-def write_mask(layout: PackedLayout, write: Optional[torch.Tensor], b: int, hkv: int, device) -> torch.Tensor:
+def write_mask(layout: PackedLayout, write: Optional[torch.Tensor], b: int, hkv: int, device,
+               update: str = "linear") -> Optional[torch.Tensor]:
     """Write strengths [n * N, b, hkv] float32 in the padded layout: `write` (or 1) on the real
-    tokens, 0 on the padding, so padded rows never reach the memory."""
+    tokens, 0 on the padding, so padded rows never reach the memory. None for the delta rule
+    without `write`: its per-segment loop reads only the real rows (`Packing.lengths`)."""
+    if write is None and update == "delta":
+        return None
     if write is None:
         write = torch.ones(layout.index.numel(), b, hkv, dtype=torch.float32, device=device)
     return pack(write.float(), layout)
 
 
-def relative_doc_start(doc_start: torch.Tensor, first: int) -> torch.Tensor:
-    """`doc_start` of segments first.. counted from segment `first`: -1 where the document
-    started before `first` (those segments continue from the memory passed in)."""
-    return torch.where(doc_start >= first, doc_start - first, -1)
 
 
 def check_rank_boundaries(cu: list, s_local: int, cp_size: int, segment_length: int) -> None:
