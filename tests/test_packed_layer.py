@@ -140,6 +140,8 @@ def _refusals(ids, cu):
 #: 48 tokens over 2 ranks of 24, segment 8. A: document 2 (tokens 8..26) crosses the rank
 #: boundary at a segment boundary of its own (16 tokens in); B: the boundary is a document's.
 CP_LAYOUTS = {"A": [3, 5, 19, 8, 13], "B": [5, 11, 8, 13, 11]}
+#: B also has a layer without memory (its local attention on the rank's share of the documents)
+MEMORY_LAYERS = {"A": {}, "B": {"memory_layers": (2,)}}
 
 
 def _cp_checks(rank, world_size, cases):
@@ -148,19 +150,25 @@ def _cp_checks(rank, world_size, cases):
     from test_context_parallel import build as build_cp
 
     from megatron_infini.ops.packed import document_positions
+    from megatron_infini.parallel import CommCounter
+    from megatron_infini.streaming import infini_cores
 
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, VOCAB, (1, 48), generator=g)
     labels = torch.roll(ids, -1, dims=1)
     cus = {k: torch.tensor([0] + torch.tensor(v).cumsum(0).tolist(), dtype=torch.int32) for k, v in CP_LAYOUTS.items()}
-    refs = {(lay, u): alone_step(build_cp(memory_update=u, segment_length=SEG), ids, labels, cus[lay])
-            for lay, u in cases}
+    refs = {(lay, u): alone_step(build_cp(memory_update=u, segment_length=SEG, **MEMORY_LAYERS[lay]), ids, labels,
+                                 cus[lay]) for lay, u in cases}
 
     reinit_model_parallel(tp=1, context_parallel_size=2)
     group = ps.get_context_parallel_group()
     mine = slice(24 * rank, 24 * (rank + 1))
     for lay, u in cases:
-        model = build_cp(memory_update=u, segment_length=SEG)
+        model = build_cp(memory_update=u, segment_length=SEG, **MEMORY_LAYERS[lay])
+        counter = CommCounter()
+        for core in infini_cores(model):
+            if core.cp_relay is not None:
+                core.cp_relay.counter = counter
         cu = cus[lay]
         pos = document_positions(cu, 48)[mine].unsqueeze(0)
         model.zero_grad()
@@ -174,6 +182,9 @@ def _cp_checks(rank, world_size, cases):
             dist.all_reduce(grad, group=group)  # the dp x cp gradient reduction
             grads[n] = grad
         _same((torch.cat(parts, dim=1), grads), refs[(lay, u)], f"CP=2 packed, layout {lay} ({u})")
+        if u == "linear":  # still one [M | z] per layer each way (b * hkv * dk * (dv + 1) float32): flat in length
+            nbytes = sum(c.cp_relay is not None for c in infini_cores(model)) * 1 * 2 * 16 * 17 * 4
+            assert counter.bytes_by_kind == {"allgather_fwd": nbytes, "allgather_bwd": nbytes}
     # a rank boundary inside a segment of a document: refused on every rank
     bad = torch.tensor([0, 5, 48], dtype=torch.int32)  # document 1 starts at 5: the boundary is 19 tokens in
     with pytest.raises(ValueError, match="segment boundaries"):

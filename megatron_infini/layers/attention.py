@@ -137,7 +137,8 @@ class InfiniCoreAttention(MegatronModule):
     ) -> torch.Tensor:
         """query [s, b, np, hn], key / value [s, b, ng, hn] (no RoPE), q_local / k_local the
         same with in-segment RoPE -> [s, b, np * hn]. The mask is not read: attention is causal
-        by construction (the spec declares `AttnMaskType.causal`)."""
+        by construction (the spec declares `AttnMaskType.causal`). packed_seq_params: packed
+        documents (`packed_cu_seqlens`), b = 1; under context parallelism the global boundaries."""
         if attention_bias is not None:
             raise NotImplementedError("Infini-attention does not support attention_bias")
         cfg = self.config
@@ -314,7 +315,9 @@ class InfiniSelfAttention(SelfAttention):
     """Megatron `SelfAttention` whose core attention is `InfiniCoreAttention`.
 
     Same constructor as Megatron's; forward keeps Megatron's signature but supports only the
-    training / full-sequence path (no KV-cache inference context, no packed sequences). For
+    training / full-sequence path (no KV-cache inference context). Packed documents come as
+    Megatron's `PackedSeqParams` (qkv_format "thd", input [s, 1, h]): each document is cut into
+    its own segments, starts from an empty memory and sees only itself (docs/model.md). For
     streaming inference keep the memory between calls instead (`megatron_infini.streaming`).
     Megatron's selective "core_attn" recompute does not apply; `config.checkpoint_segments`
     bounds the activation memory of the op instead.
