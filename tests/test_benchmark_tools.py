@@ -61,3 +61,11 @@ def test_bench_checkpoint_writes_and_reads_the_model(tmp_path):
     res = json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
     assert res["params"] > 0 and res["save_s"] > 0 and res["load_s"] > 0, res
     assert res["checkpoint_gb"] >= 3 * res["params"] * 4 / 1e9 * 0.99, res  # fp32 weights + exp_avg + exp_avg_sq
+
+
+def test_bench_packed_reports_both_times_and_their_ratio():
+    text = _tool("bench_packed.py", "--length", 512, "--mean-doc", 64, "--segment-length", 32, "--heads", 2,
+                 "--kv-heads", 1, "--head-dim", 16, "--rounds", 1)
+    m = re.search(r"unpacked ([\d.]+) ms, packed \(cu_seqlens\) ([\d.]+) ms, ratio ([\d.]+)x", text)
+    assert m, text
+    assert float(m.group(3)) == pytest.approx(float(m.group(2)) / float(m.group(1)), rel=0.02, abs=0.01), text
