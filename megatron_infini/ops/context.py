@@ -20,7 +20,7 @@ import torch
 
 from ._common import EPS, Memory, check_inputs, unpack_memory
 from .fast import _forward, _LinearDeltas, local_attention_folded
-from .packed import pack_qkv, packed_layout, unpack, write_mask
+from .packed import local_attention_buckets, pack_qkv, packed_layout, unpack, write_mask
 
 
 def memory_delta(k: torch.Tensor, v: torch.Tensor) -> Memory:
@@ -69,7 +69,10 @@ def infini_attention_deferred(
         write, packing = write_mask(layout, None, b, hkv, q.device, update), layout.packing
         q, k, v, q_local, k_local = pack_qkv(layout, q, k, v, q_local, k_local)  # [n * N, 1, h, d]
         segment_length = layout.N
-    a_dot = local_attention_folded(q_local, k_local, v, segment_length, scale)  # [b*n, hq, N, dv]
+    if layout is None:
+        a_dot = local_attention_folded(q_local, k_local, v, segment_length, scale)  # [b*n, hq, N, dv]
+    else:
+        a_dot = local_attention_buckets(q_local, k_local, v, segment_length, scale, packing.lengths)  # [n, hq, N, dv]
     memory = get_memory()
     check_inputs(q, k, v, gate, segment_length, update, memory, None, None)
     M, z = memory

@@ -33,7 +33,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ._common import EPS, Memory, autocast_off, check_inputs, check_write, empty_memory, pack_memory, unpack_memory
-from .packed import pack, pack_qkv, packed_layout, unpack, write_mask
+from .packed import local_attention_buckets, pack, pack_qkv, packed_layout, unpack, write_mask
 from .sdpa import sdpa_causal
 
 
@@ -180,7 +180,8 @@ def local_attention(
     if cu_seqlens is None:
         return _unfold(local_attention_folded(q, k, v, segment_length, scale), q.shape[0], q.shape[1])
     layout = packed_layout(cu_seqlens, q.shape[0], q.shape[1], segment_length, q.device)
-    out = local_attention_folded(pack(q, layout), pack(k, layout), pack(v, layout), layout.N, scale)
+    out = local_attention_buckets(pack(q, layout), pack(k, layout), pack(v, layout), layout.N, scale,
+                                  layout.packing.lengths)  # [n, hq, N, dv]
     return unpack(_unfold(out, layout.n * layout.N, 1), layout)  # [s, 1, hq, dv]
 
 
@@ -447,7 +448,9 @@ def _forward(q, k, v, gate, q_local, k_local, M0, z0, N, update, scale, eps, a_d
     or skipped (delta)."""
     s = q.shape[0]
     N = min(N, s)  # one short segment when the input is shorter than a segment
-    if a_dot is None:
+    if a_dot is None and packing is not None:  # packed: a fused call per segment-length bucket
+        a_dot = local_attention_buckets(q_local, k_local, v, N, scale, packing.lengths)  # [n, hq, N, dv]
+    elif a_dot is None:
         a_dot = local_attention_folded(q_local, k_local, v, N, scale)  # [b*n, hq, N, dv]
     return _memory_path(q, k, v, gate, a_dot, M0, z0, N, update, eps, write, packing)
 

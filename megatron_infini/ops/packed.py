@@ -22,6 +22,9 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
+
+from .sdpa import sdpa_causal
 
 
 class Packing(NamedTuple):
@@ -166,3 +169,42 @@ def rank_cu_seqlens(cu: list, start: int, s_local: int) -> Tuple[torch.Tensor, i
     inner = [a - start for a in cu if start < a < start + s_local]
     first_doc_start = max(a for a in cu[:-1] if a <= start)
     return torch.tensor([0, *inner, s_local], dtype=torch.int32), first_doc_start
+
+
+#: Length buckets of the packed local attention, as fractions of N (see `local_attention_buckets`).
+BUCKETS = (0.25, 0.5, 0.75, 1.0)
+
+
+def local_attention_buckets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, N: int, scale: Optional[float],
+                            lengths: Tuple[int, ...]) -> torch.Tensor:
+    """Causal attention inside each segment of the padded layout, a fused call per length bucket.
+
+    q [n * N, 1, hq, dk], k [n * N, 1, hkv, dk], v [n * N, 1, hkv, dv] -> [n, hq, N, dv] (the
+    folded layout of `fast.local_attention_folded`), rows past a segment's length zero.
+    A document's last segment is usually short; padded to N it would cost a full segment's
+    attention, so segments are grouped by length (up to N/4, N/2, 3N/4, N) and each group runs
+    cut to its bound.
+    """
+    n = len(lengths)
+
+    def fold(x):  # [n * N, 1, h, d] -> (n, h, N, d)
+        return x.view(n, N, x.shape[2], x.shape[3]).transpose(1, 2)
+
+    qf, kf, vf = fold(q), fold(k), fold(v)
+    lens = torch.tensor(lengths)
+    parts, order, low = [], [], 0
+    for frac in BUCKETS:
+        high = max(1, min(N, round(frac * N)))
+        idx = ((lens > low) & (lens <= high)).nonzero().flatten()
+        low = max(low, high)
+        if idx.numel() == 0:
+            continue
+        if idx.numel() == n and high == N:  # one bucket of whole segments: no gather
+            return sdpa_causal(qf, kf, vf, scale)
+        sel = idx.to(q.device)
+        out = sdpa_causal(*(x.index_select(0, sel)[:, :, :high] for x in (qf, kf, vf)), scale)  # (m, hq, high, dv)
+        parts.append(F.pad(out, (0, 0, 0, N - high)))  # (m, hq, N, dv)
+        order.append(idx)
+    inverse = torch.empty(n, dtype=torch.long)
+    inverse[torch.cat(order)] = torch.arange(n)
+    return torch.cat(parts).index_select(0, inverse.to(q.device))  # (n, hq, N, dv)
