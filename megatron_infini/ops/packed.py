@@ -8,10 +8,11 @@ call gives what each document gives when run alone.
 The fast op runs packed input in a *padded segment layout*: every document's segments are laid
 one after another, each padded to N rows (padding only at the end of a document's last
 segment), [n * N, 1, h, d] with n = sum_d ceil(len_d / N). Then every segment holds one
-document's tokens from row 0, so the unpacked machinery applies unchanged: one fused SDPA over
-the folded segments (padded keys sit after every real query: causality hides them), padded
-rows write nothing (write strength 0), and the memory restarts at each document's first
-segment (`doc_start`). No loop over documents.
+document's tokens from row 0, so the unpacked machinery applies: fused SDPA over the folded
+segments, one call per segment-length bucket (padded keys sit after every real query:
+causality hides them; `local_attention_buckets`), padded rows write nothing (write strength 0,
+or skipped by the delta rule's loop), and the memory restarts at each document's first segment
+(`Packing`). No loop over documents.
 
 Legend: s tokens of the packed input, N segment length, n segments of all documents,
 D documents.
