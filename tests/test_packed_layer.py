@@ -4,7 +4,8 @@ and parameter gradients equal to every document run alone from an empty memory.
 
 Documents (segment 8): 5 tokens (shorter than a segment), 8 (exactly one), 19 (several, not a
 multiple), 8 (starts mid-segment of the packed input); write strengths on, GQA (4 heads, 2
-groups). One spawn of 2 gloo processes: TP=1 (both rules), then TP=2 + sequence parallel.
+groups). One spawn of 2 gloo processes: TP=1 (both rules), then TP=2 + sequence parallel;
+another at CP=2 with a document crossing the rank boundary.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def _same(got, ref, what):
         assert_close(got[1][n], ref[1][n], rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}: grad {n}\n{m}")
 
 
-def _checks(rank, world_size):
+def _checks(rank, world_size, tp2_updates):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (1, sum(LENGTHS)), generator=g)
     labels = torch.roll(ids, -1, dims=1)
@@ -97,14 +98,20 @@ def _checks(rank, world_size):
     _refusals(ids, cu)
 
     reinit_model_parallel(tp=2)
-    for update in ("linear", "delta"):
+    for update in tp2_updates:
         got = packed_step(build_packed(update, sequence_parallel=True), ids, labels, cu)
         _same(got, refs[update], f"TP=2 + SP packed ({update})")
     return True
 
 
 def test_packed_gpt_model_equals_documents_alone_tp1_and_tp2_sp():
-    assert run_distributed(_checks, 2, tp=1) == [True, True]
+    """Both rules at TP=1, the linear one at TP=2 + SP (the delta one: the slow test below)."""
+    assert run_distributed(_checks, 2, ("linear",), tp=1) == [True, True]
+
+
+@pytest.mark.slow
+def test_packed_gpt_model_tp2_sp_both_rules():
+    assert run_distributed(_checks, 2, ("linear", "delta"), tp=1) == [True, True]
 
 
 def _refusals(ids, cu):
@@ -127,3 +134,70 @@ def _refusals(ids, cu):
     set_memory_carry(model, True)
     with pytest.raises(ValueError, match="memory carry"):
         model(ids, pos, None, packed_seq_params=packed_params(cu))
+
+
+# ----------------------------------------------------------------------------- CP = 2
+#: 48 tokens over 2 ranks of 24, segment 8. A: document 2 (tokens 8..26) crosses the rank
+#: boundary at a segment boundary of its own (16 tokens in); B: the boundary is a document's.
+CP_LAYOUTS = {"A": [3, 5, 19, 8, 13], "B": [5, 11, 8, 13, 11]}
+#: B also has a layer without memory (its local attention on the rank's share of the documents)
+MEMORY_LAYERS = {"A": {}, "B": {"memory_layers": (2,)}}
+
+
+def _cp_checks(rank, world_size, cases):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from test_context_parallel import build as build_cp
+
+    from megatron_infini.ops.packed import document_positions
+    from megatron_infini.parallel import CommCounter
+    from megatron_infini.streaming import infini_cores
+
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, VOCAB, (1, 48), generator=g)
+    labels = torch.roll(ids, -1, dims=1)
+    cus = {k: torch.tensor([0] + torch.tensor(v).cumsum(0).tolist(), dtype=torch.int32) for k, v in CP_LAYOUTS.items()}
+    refs = {(lay, u): alone_step(build_cp(memory_update=u, segment_length=SEG, **MEMORY_LAYERS[lay]), ids, labels,
+                                 cus[lay]) for lay, u in cases}
+
+    reinit_model_parallel(tp=1, context_parallel_size=2)
+    group = ps.get_context_parallel_group()
+    mine = slice(24 * rank, 24 * (rank + 1))
+    for lay, u in cases:
+        model = build_cp(memory_update=u, segment_length=SEG, **MEMORY_LAYERS[lay])
+        counter = CommCounter()
+        for core in infini_cores(model):
+            if core.cp_relay is not None:
+                core.cp_relay.counter = counter
+        cu = cus[lay]
+        pos = document_positions(cu, 48)[mine].unsqueeze(0)
+        model.zero_grad()
+        losses = model(ids[:, mine], pos, None, labels=labels[:, mine], packed_seq_params=packed_params(cu))
+        losses.sum().backward()
+        parts = [torch.empty_like(losses) for _ in range(2)]
+        dist.all_gather(parts, losses.detach().contiguous(), group=group)
+        grads = {}
+        for n, p in model.named_parameters():
+            grad = p.grad.detach().clone()
+            dist.all_reduce(grad, group=group)  # the dp x cp gradient reduction
+            grads[n] = grad
+        _same((torch.cat(parts, dim=1), grads), refs[(lay, u)], f"CP=2 packed, layout {lay} ({u})")
+        if u == "linear":  # still one [M | z] per layer each way (b * hkv * dk * (dv + 1) float32): flat in length
+            nbytes = sum(c.cp_relay is not None for c in infini_cores(model)) * 1 * 2 * 16 * 17 * 4
+            assert counter.bytes_by_kind == {"allgather_fwd": nbytes, "allgather_bwd": nbytes}
+    # a rank boundary inside a segment of a document: refused on every rank
+    bad = torch.tensor([0, 5, 48], dtype=torch.int32)  # document 1 starts at 5: the boundary is 19 tokens in
+    with pytest.raises(ValueError, match="segment boundaries"):
+        build_cp(segment_length=SEG)(ids[:, mine], pos, None, packed_seq_params=packed_params(bad))
+    return True
+
+
+def test_packed_context_parallel_equals_documents_alone():
+    """CP=2 with a document crossing the rank boundary (linear) and with a document boundary at
+    the rank boundary (delta): per-token losses and gradients equal every document alone."""
+    assert run_distributed(_cp_checks, 2, [("A", "linear"), ("B", "delta")], tp=1) == [True, True]
+
+
+@pytest.mark.slow
+def test_packed_context_parallel_other_combinations():
+    assert run_distributed(_cp_checks, 2, [("A", "delta"), ("B", "linear")], tp=1) == [True, True]

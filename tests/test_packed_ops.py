@@ -121,6 +121,7 @@ def test_layout_and_positions():
     assert layout.n == 4 and layout.N == 4
     assert layout.index.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]
     assert layout.doc_start.tolist() == [-1, 1, 2, 2]
+    assert layout.packing.lengths == (3, 4, 4, 2) and layout.packing.resets == {1, 2}
     assert document_positions(_cu([3, 4, 6]), 13).tolist() == [0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3, 4, 5]
 
 

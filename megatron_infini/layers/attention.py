@@ -137,7 +137,8 @@ class InfiniCoreAttention(MegatronModule):
     ) -> torch.Tensor:
         """query [s, b, np, hn], key / value [s, b, ng, hn] (no RoPE), q_local / k_local the
         same with in-segment RoPE -> [s, b, np * hn]. The mask is not read: attention is causal
-        by construction (the spec declares `AttnMaskType.causal`)."""
+        by construction (the spec declares `AttnMaskType.causal`). packed_seq_params: packed
+        documents (`packed_cu_seqlens`), b = 1; under context parallelism the global boundaries."""
         if attention_bias is not None:
             raise NotImplementedError("Infini-attention does not support attention_bias")
         cfg = self.config
@@ -146,8 +147,13 @@ class InfiniCoreAttention(MegatronModule):
         if cu_seqlens is not None:
             self._check_packed()
         if self.cp_size > 1:
-            self._check_context_parallel(s)
+            self._check_context_parallel(s, packed=cu_seqlens is not None)
         if self.gate is None:
+            if cu_seqlens is not None and self.cp_size > 1:  # this rank's share of the documents
+                from megatron_infini.parallel.context_parallel import packed_rank_share
+
+                cu_seqlens = packed_rank_share(cu_seqlens, s, b, self.cp_group.rank(), self.cp_size,
+                                               cfg.segment_length)[0]
             out = local_attention(
                 query if q_local is None else q_local, key if k_local is None else k_local, value,
                 cfg.segment_length, self.softmax_scale, cu_seqlens=cu_seqlens,
@@ -207,13 +213,18 @@ class InfiniCoreAttention(MegatronModule):
                 f"packed sequences (packed_seq_params) with memory_repeat_max {self.repeat_max} > 1 are not "
                 "supported: the augmentation draws its multipliers per segment of the unpacked input")
 
-    def _check_context_parallel(self, s: int) -> None:
+    def _check_context_parallel(self, s: int, packed: bool = False) -> None:
         n = self.config.segment_length
         if self.carry_memory:
             raise ValueError(
                 f"memory carry (megatron_infini.streaming) is not supported with context_parallel_size "
                 f"{self.cp_size} > 1: the last context-parallel rank holds the final memory; stream with "
                 "context_parallel_size 1")
+        if self.gate is not None and self.write_weight is not None:
+            raise ValueError("memory_write_gate is not supported with context parallelism (the memory relay "
+                             "takes no write strengths); use context_parallel_size 1")
+        if packed:  # segments are cut per document: the rank boundaries are checked with the documents
+            return
         if s % n:
             raise ValueError(
                 f"context-parallel rank holds {s} tokens, not a multiple of segment_length {n}: each of the "
@@ -269,13 +280,17 @@ def packed_cu_seqlens(packed_seq_params) -> Optional[torch.Tensor]:
     return cu
 
 
-def packed_in_segment_rope(freqs: torch.Tensor, cu_seqlens: torch.Tensor, s: int, segment_length: int) -> torch.Tensor:
+def packed_in_segment_rope(freqs: torch.Tensor, cu_seqlens: torch.Tensor, s: int, segment_length: int,
+                           offset: int = 0) -> torch.Tensor:
     """RoPE angles [s, 1, 1, d] for packed documents: each token at its position inside its own
     segment, segments cut from each document's first token (in-document position mod N).
 
-    freqs: Megatron's rotary_pos_emb [S, 1, 1, d] for positions 0..S-1.
+    freqs: Megatron's rotary_pos_emb [S, 1, 1, d] for positions 0..S-1. cu_seqlens: the
+    boundaries of the whole packed sequence; this call's tokens are offset .. offset + s - 1
+    of it (a context-parallel rank's block).
     """
-    pos = document_positions(cu_seqlens, s) % segment_length  # [s]
+    total = int(cu_seqlens[-1])
+    pos = document_positions(cu_seqlens, total)[offset:offset + s] % segment_length  # [s]
     need = int(pos.max()) + 1
     if freqs.shape[0] < need:
         raise ValueError(f"rotary_pos_emb has {freqs.shape[0]} positions, need at least {need} "
@@ -300,7 +315,9 @@ class InfiniSelfAttention(SelfAttention):
     """Megatron `SelfAttention` whose core attention is `InfiniCoreAttention`.
 
     Same constructor as Megatron's; forward keeps Megatron's signature but supports only the
-    training / full-sequence path (no KV-cache inference context, no packed sequences). For
+    training / full-sequence path (no KV-cache inference context). Packed documents come as
+    Megatron's `PackedSeqParams` (qkv_format "thd", input [s, 1, h]): each document is cut into
+    its own segments, starts from an empty memory and sees only itself (docs/model.md). For
     streaming inference keep the memory between calls instead (`megatron_infini.streaming`).
     Megatron's selective "core_attn" recompute does not apply; `config.checkpoint_segments`
     bounds the activation memory of the op instead.
@@ -370,8 +387,9 @@ class InfiniSelfAttention(SelfAttention):
                 q_freqs, k_freqs = in_segment_rope(q_freqs, s, n), in_segment_rope(k_freqs, s, n)
             else:  # positions restart at each document's first token
                 same = k_freqs is q_freqs
-                q_freqs = packed_in_segment_rope(q_freqs, cu_seqlens, s, n)
-                k_freqs = q_freqs if same else packed_in_segment_rope(k_freqs, cu_seqlens, s, n)
+                offset = s * self.pg_collection.cp.rank() if cp > 1 else 0  # this rank's block
+                q_freqs = packed_in_segment_rope(q_freqs, cu_seqlens, s, n, offset)
+                k_freqs = q_freqs if same else packed_in_segment_rope(k_freqs, cu_seqlens, s, n, offset)
             q_local = apply_rotary_pos_emb(query, q_freqs, **rope)
             k_local = apply_rotary_pos_emb(key, k_freqs, **rope)
 

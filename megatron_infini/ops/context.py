@@ -20,6 +20,7 @@ import torch
 
 from ._common import EPS, Memory, check_inputs, unpack_memory
 from .fast import _forward, _LinearDeltas, local_attention_folded
+from .packed import local_attention_buckets, pack_qkv, packed_layout, unpack, write_mask
 
 
 def memory_delta(k: torch.Tensor, v: torch.Tensor) -> Memory:
@@ -48,20 +49,33 @@ def infini_attention_deferred(
     k_local: Optional[torch.Tensor] = None,
     softmax_scale: Optional[float] = None,
     eps: float = EPS,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Memory]:
     """`infini_attention(..., memory=get_memory())`, with `get_memory()` called after the
     local softmax attention of all segments has been computed (it may wait for other ranks).
 
     Arguments and results as `ops.infini_attention` (no activation checkpointing: with
     `checkpoint_segments` > 0 call `get_memory()` first and use `infini_attention`).
-    get_memory: returns (M [b, hkv, dk, dv], z [b, hkv, dk]) float32.
+    get_memory: returns (M [b, hkv, dk, dv], z [b, hkv, dk]) float32 (packed input: the state
+    the first document continues from).
     """
-    check_inputs(q, k, v, gate, segment_length, update, None, q_local, k_local)
+    s, b, _, hkv, _, _ = check_inputs(q, k, v, gate, segment_length, update, None, q_local, k_local)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     q_local = q if q_local is None else q_local
     k_local = k if k_local is None else k_local
-    a_dot = local_attention_folded(q_local, k_local, v, segment_length, scale)  # [b*n, hq, N, dv]
+    layout = write = packing = None
+    if cu_seqlens is not None:  # packed documents: the padded segment layout (ops.packed)
+        layout = packed_layout(cu_seqlens, s, b, segment_length, q.device)
+        write, packing = write_mask(layout, None, b, hkv, q.device, update), layout.packing
+        q, k, v, q_local, k_local = pack_qkv(layout, q, k, v, q_local, k_local)  # [n * N, 1, h, d]
+        segment_length = layout.N
+    if layout is None:
+        a_dot = local_attention_folded(q_local, k_local, v, segment_length, scale)  # [b*n, hq, N, dv]
+    else:
+        a_dot = local_attention_buckets(q_local, k_local, v, segment_length, scale, packing.lengths)  # [n, hq, N, dv]
     memory = get_memory()
     check_inputs(q, k, v, gate, segment_length, update, memory, None, None)
     M, z = memory
-    return _forward(q, k, v, gate, q_local, k_local, M, z, segment_length, update, scale, eps, a_dot=a_dot)
+    out, memory = _forward(q, k, v, gate, q_local, k_local, M, z, segment_length, update, scale, eps, a_dot=a_dot,
+                           write=write, packing=packing)
+    return (out if layout is None else unpack(out, layout)), memory

@@ -33,7 +33,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ._common import EPS, Memory, autocast_off, check_inputs, check_write, empty_memory, pack_memory, unpack_memory
-from .packed import pack, packed_layout, relative_doc_start, unpack, write_mask
+from .packed import local_attention_buckets, pack, pack_qkv, packed_layout, unpack, write_mask
 from .sdpa import sdpa_causal
 
 
@@ -103,35 +103,28 @@ def infini_attention(
                        checkpoint_segments, None)
     # packed documents: run in the padded segment layout [n * N, 1, ...], memory restarting per document
     layout = packed_layout(cu_seqlens, s, b, segment_length, q.device)
-    write = write_mask(layout, write, b, hkv, q.device)  # [n * N, 1, hkv]; 0 on the padding
-    q_local = pack(q_local, layout) if q_local is not q else None  # often q itself: packed once
-    k_local = pack(k_local, layout) if k_local is not k else None
-    q, k, v = pack(q, layout), pack(k, layout), pack(v, layout)  # [n * N, 1, h, d]
-    q_local = q if q_local is None else q_local
-    k_local = k if k_local is None else k_local
+    write = write_mask(layout, write, b, hkv, q.device, update)  # [n * N, 1, hkv]; 0 on the padding
+    q, k, v, q_local, k_local = pack_qkv(layout, q, k, v, q_local, k_local)  # [n * N, 1, h, d]
     out, memory = _blocks(q, k, v, gate, q_local, k_local, M, z, layout.N, update, scale, eps, write,
-                          checkpoint_segments, layout.doc_start)
+                          checkpoint_segments, layout.packing)
     return unpack(out, layout), memory
 
 
-def _blocks(q, k, v, gate, q_local, k_local, M, z, N, update, scale, eps, write, checkpoint_segments, doc_start):
+def _blocks(q, k, v, gate, q_local, k_local, M, z, N, update, scale, eps, write, checkpoint_segments, packing):
     """The op, in blocks of `checkpoint_segments` segments recomputed in backward when > 0."""
     s = q.shape[0]
     block = checkpoint_segments * N
     if block == 0 or not torch.is_grad_enabled():
-        return _forward(q, k, v, gate, q_local, k_local, M, z, N, update, scale, eps, write=write, doc_start=doc_start)
+        return _forward(q, k, v, gate, q_local, k_local, M, z, N, update, scale, eps, write=write, packing=packing)
 
     outs = []
     # split, not slicing: slicing's backward writes each block's gradient into a zero tensor of the full length
     writes = write.split(block) if write is not None else [None] * -(-s // block)
     for i, (qb, kb, vb, qlb, klb, wb) in enumerate(zip(*(x.split(block) for x in (q, k, v, q_local, k_local)),
                                                        writes)):
-        starts = None
-        if doc_start is not None:  # counted from the block's first segment
-            first = i * checkpoint_segments
-            starts = relative_doc_start(doc_start[first:first + checkpoint_segments], first)
+        part = None if packing is None else packing.block(i * checkpoint_segments, checkpoint_segments)
         out, M, z = _checkpoint(
-            _forward_flat, qb, kb, vb, gate, qlb, klb, M, z, N, update, scale, eps, None, wb, starts,
+            _forward_flat, qb, kb, vb, gate, qlb, klb, M, z, N, update, scale, eps, None, wb, part,
             use_reentrant=False,
         )
         outs.append(out)
@@ -187,7 +180,8 @@ def local_attention(
     if cu_seqlens is None:
         return _unfold(local_attention_folded(q, k, v, segment_length, scale), q.shape[0], q.shape[1])
     layout = packed_layout(cu_seqlens, q.shape[0], q.shape[1], segment_length, q.device)
-    out = local_attention_folded(pack(q, layout), pack(k, layout), pack(v, layout), layout.N, scale)
+    out = local_attention_buckets(pack(q, layout), pack(k, layout), pack(v, layout), layout.N, scale,
+                                  layout.packing.lengths)  # [n, hq, N, dv]
     return unpack(_unfold(out, layout.n * layout.N, 1), layout)  # [s, 1, hq, dv]
 
 
@@ -198,8 +192,11 @@ CHUNK_ELEMENTS = {"cpu": 1 << 19}
 CHUNK_ELEMENTS_DEFAULT = 1 << 25
 
 
-def _segments(s: int, N: int):
-    """(index, start, length) of each segment; the last one may be shorter."""
+def _segments(s: int, N: int, packing=None):
+    """(index, start, length) of each segment; the last one may be shorter. Packed (padded
+    layout): each segment's real rows only."""
+    if packing is not None:
+        return [(j, j * N, T) for j, T in enumerate(packing.lengths)]
     return [(j, start, min(N, s - start)) for j, start in enumerate(range(0, s, N))]
 
 
@@ -290,8 +287,9 @@ class _DeltaStates(torch.autograd.Function):
         Mz[j + 1] = Mz[j] + [sigma(K_j)^T (V_j - sigma(K_j) M_j / (sigma(K_j) z_j + eps)) | sum_t sigma(K_j,t)]
 
     k [s, b, hkv, dk], v [s, b, hkv, dv], Mz0 (b, hkv, dk, dv + 1) float32 ->
-    (n + 1, b, hkv, dk, dv + 1) float32; Mz[j] = 0 for j in `resets` (segments that start a
-    packed document; Mz0 is then unused). Sequential over segments (each update reads the state
+    (n + 1, b, hkv, dk, dv + 1) float32. `packing` (packed documents, `ops.packed.Packing`):
+    Mz[j] = 0 where segment j starts a document (Mz0 then unused), and only each segment's
+    real rows are read. Sequential over segments (each update reads the state
     the previous one left); the backward walks the segments in reverse with the chain rule
     written out, recomputing each segment's read from the saved states, so the temporaries
     are a segment's worth and autograd keeps no per-segment graph.
@@ -299,10 +297,11 @@ class _DeltaStates(torch.autograd.Function):
 
     @staticmethod
     @autocast_off
-    def forward(ctx, k, v, Mz0, w, N, eps, resets=frozenset()):
+    def forward(ctx, k, v, Mz0, w, N, eps, packing=None):
         s, b, hkv, dk = k.shape
         dv = v.shape[3]
-        segs = _segments(s, N)
+        segs = _segments(s, N, packing)
+        resets = frozenset() if packing is None else packing.resets
         states = torch.empty(len(segs) + 1, b, hkv, dk, dv + 1, dtype=torch.float32, device=k.device)
         states[0] = Mz0
         for j, start, T in segs:
@@ -314,7 +313,7 @@ class _DeltaStates(torch.autograd.Function):
                 u.mul_(_heads(w, start, T))
             states[j + 1] = states[j] + sk.transpose(-1, -2) @ u
         ctx.save_for_backward(k, v, states, w)
-        ctx.N, ctx.eps, ctx.resets = N, eps, resets
+        ctx.N, ctx.eps, ctx.resets, ctx.packing = N, eps, resets, packing
         return states
 
     @staticmethod
@@ -324,11 +323,12 @@ class _DeltaStates(torch.autograd.Function):
         k, v, states, w = ctx.saved_tensors
         b, hkv, dk, dv1 = states.shape[1:]
         dv = dv1 - 1
-        grad_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-        grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-        grad_w = torch.empty(w.shape, dtype=torch.float32, device=k.device) if w is not None else None
+        new = torch.empty if ctx.packing is None else torch.zeros  # packed: padded rows get no gradient
+        grad_k = new(k.shape, dtype=k.dtype, device=k.device)
+        grad_v = new(v.shape, dtype=v.dtype, device=v.device)
+        grad_w = new(w.shape, dtype=torch.float32, device=k.device) if w is not None else None
         G = grad_states[-1].clone()  # dL/dMz[j + 1], accumulated from the end
-        for j, start, T in reversed(_segments(k.shape[0], ctx.N)):
+        for j, start, T in reversed(_segments(k.shape[0], ctx.N, ctx.packing)):
             Mz = states[j]
             sk = _sigma_(_heads(k, start, T))  # (b, hkv, T, dk)
             read = sk @ Mz  # (b, hkv, T, dv + 1)
@@ -439,21 +439,24 @@ class _RetrieveAndGate(torch.autograd.Function):
         return grad_q, grad_Mz, grad_a, grad_beta, None
 
 
-def _forward(q, k, v, gate, q_local, k_local, M0, z0, N, update, scale, eps, a_dot=None, write=None, doc_start=None):
+def _forward(q, k, v, gate, q_local, k_local, M0, z0, N, update, scale, eps, a_dot=None, write=None, packing=None):
     """The op over one block. `a_dot`: the local attention in folded layout [b*n, hq, N, dv]
     when already computed (see `ops.context.infini_attention_deferred`), else computed here.
-    `write`: optional write strengths [s, b, hkv]. `doc_start`: optional [n] long, each
-    segment's document's first segment (-1: the document continuing from M0, z0); the memory
-    restarts from zero at each document (packed input, `ops.packed`)."""
+    `write`: optional write strengths [s, b, hkv]. `packing`: packed documents in the padded
+    segment layout (`ops.packed.Packing`): the memory restarts from zero at each document but
+    the first (which continues from M0, z0); padded rows are written with strength 0 (linear)
+    or skipped (delta)."""
     s = q.shape[0]
     N = min(N, s)  # one short segment when the input is shorter than a segment
-    if a_dot is None:
+    if a_dot is None and packing is not None:  # packed: a fused call per segment-length bucket
+        a_dot = local_attention_buckets(q_local, k_local, v, N, scale, packing.lengths)  # [n, hq, N, dv]
+    elif a_dot is None:
         a_dot = local_attention_folded(q_local, k_local, v, N, scale)  # [b*n, hq, N, dv]
-    return _memory_path(q, k, v, gate, a_dot, M0, z0, N, update, eps, write, doc_start)
+    return _memory_path(q, k, v, gate, a_dot, M0, z0, N, update, eps, write, packing)
 
 
 @autocast_off
-def _memory_path(q, k, v, gate, a_dot, M0, z0, N, update, eps, write=None, doc_start=None):
+def _memory_path(q, k, v, gate, a_dot, M0, z0, N, update, eps, write=None, packing=None):
     """Retrieval, update and gate of `_forward`, in float32 whatever the caller's autocast."""
     # Memory path in float32, M and z side by side as Mz = [M | z] (b, hkv, dk, dv + 1), so one
     # matmul reads both the retrieval and its normaliser.
@@ -465,10 +468,11 @@ def _memory_path(q, k, v, gate, a_dot, M0, z0, N, update, eps, write=None, doc_s
             w = write.float().unsqueeze(-1)  # [s, b, hkv, 1]
             deltas = _LinearDeltas.apply(k, torch.cat([v.float() * w, w], dim=-1), N)[..., :-1]
         cum = torch.cumsum(deltas, dim=0)  # (n, b, hkv, dk, dv + 1)
-        if doc_start is None:
+        if packing is None:
             Mz_prev = torch.cat([Mz0.unsqueeze(0), Mz0 + cum[:-1]], dim=0)
             Mz_last = Mz0 + cum[-1]
         else:  # prefix sums restarting at each document: minus the sum before the document's first segment
+            doc_start = packing.doc_start
             excl = torch.cat([torch.zeros_like(cum[:1]), cum[:-1]], dim=0)  # (n, b, hkv, dk, dv + 1)
             first = Mz0.unsqueeze(0) * (doc_start < 0).view(-1, 1, 1, 1, 1)  # M0 for the continued document
             Mz_prev = excl - excl[doc_start.clamp(min=0)] + first
@@ -480,9 +484,7 @@ def _memory_path(q, k, v, gate, a_dot, M0, z0, N, update, eps, write=None, doc_s
             Mz_last = Mz_prev[-1] + deltas[-1]
     else:  # delta rule: sequential, each update reads the state the previous one left
         w = None if write is None else write.float().unsqueeze(-1)  # [s, b, hkv, 1]
-        resets = frozenset() if doc_start is None else frozenset(  # segments that start a document
-            (doc_start == torch.arange(len(doc_start), device=doc_start.device)).nonzero().flatten().tolist())
-        states = _DeltaStates.apply(k, v, Mz0, w, N, eps, resets)  # (n + 1, b, hkv, dk, dv + 1)
+        states = _DeltaStates.apply(k, v, Mz0, w, N, eps, packing)  # (n + 1, b, hkv, dk, dv + 1)
         Mz_prev, Mz_last = states[:-1], states[-1]
 
     out = _RetrieveAndGate.apply(q, Mz_prev, a_dot, torch.sigmoid(gate.float()), eps)  # [s, b, hq, dv]

@@ -8,10 +8,11 @@ call gives what each document gives when run alone.
 The fast op runs packed input in a *padded segment layout*: every document's segments are laid
 one after another, each padded to N rows (padding only at the end of a document's last
 segment), [n * N, 1, h, d] with n = sum_d ceil(len_d / N). Then every segment holds one
-document's tokens from row 0, so the unpacked machinery applies unchanged: one fused SDPA over
-the folded segments (padded keys sit after every real query: causality hides them), padded
-rows write nothing (write strength 0), and the memory restarts at each document's first
-segment (`doc_start`). No loop over documents.
+document's tokens from row 0, so the unpacked machinery applies: fused SDPA over the folded
+segments, one call per segment-length bucket (padded keys sit after every real query:
+causality hides them; `local_attention_buckets`), padded rows write nothing (write strength 0,
+or skipped by the delta rule's loop), and the memory restarts at each document's first segment
+(`Packing`). No loop over documents.
 
 Legend: s tokens of the packed input, N segment length, n segments of all documents,
 D documents.
@@ -19,9 +20,33 @@ D documents.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
+
+from .sdpa import sdpa_causal
+
+
+class Packing(NamedTuple):
+    """What the memory path needs of a padded segment layout (or of a block of its segments)."""
+
+    doc_start: torch.Tensor
+    """[n] long: each segment's document's first segment; -1 for the segments of the document that
+    continues from the memory passed in (the first one)."""
+    lengths: Tuple[int, ...]
+    """Real (unpadded) rows of each segment."""
+
+    @property
+    def resets(self) -> frozenset:
+        """Segments where a document starts from an empty memory."""
+        return frozenset(j for j, d in enumerate(self.doc_start.tolist()) if d == j)
+
+    def block(self, first: int, count: int) -> "Packing":
+        """Segments first .. first + count - 1, counted from `first` (documents started before
+        it continue from the memory passed in)."""
+        d = self.doc_start[first:first + count]
+        return Packing(torch.where(d >= first, d - first, -1), self.lengths[first:first + count])
 
 
 class PackedLayout(NamedTuple):
@@ -36,6 +61,8 @@ class PackedLayout(NamedTuple):
     (they start from the op's `memory`, the others from an empty memory)."""
     positions: torch.Tensor
     """[s] long: each token's position inside its document."""
+    packing: Packing
+    """Per segment: its document's first segment and its real rows."""
 
 
 def check_cu_seqlens(cu_seqlens, s: int, b: int) -> list:
@@ -71,7 +98,11 @@ def packed_layout(cu_seqlens: torch.Tensor, s: int, b: int, segment_length: int,
     index = (seg_off[doc] + pos // N) * N + pos % N  # [s]
     seg_doc = torch.repeat_interleave(torch.arange(D), nseg, output_size=n)  # [n] document of each segment
     doc_start = torch.where(seg_doc == 0, -1, seg_off[seg_doc])  # [n]
-    return PackedLayout(index.to(device), n, N, doc_start.to(device), pos.to(device))
+    seg_in_doc = torch.arange(n) - seg_off[seg_doc]  # [n]
+    lengths = (lengths[seg_doc] - seg_in_doc * N).clamp(max=N)  # [n] real rows of each segment
+    doc_start = doc_start.to(device)
+    return PackedLayout(index.to(device), n, N, doc_start, pos.to(device),
+                        Packing(doc_start, tuple(lengths.tolist())))
 
 
 def document_positions(cu_seqlens: torch.Tensor, s: int) -> torch.Tensor:
@@ -88,20 +119,93 @@ def pack(x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
     return out.index_copy(0, layout.index, x)
 
 
+def pack_qkv(layout: PackedLayout, q, k, v, q_local, k_local):
+    """q, k, v, q_local, k_local [s, 1, h, d] -> the same in the padded layout [n * N, 1, h, d];
+    q_local / k_local that are q / k themselves are packed once."""
+    pq, pk = pack(q, layout), pack(k, layout)
+    return (pq, pk, pack(v, layout), pq if q_local is q else pack(q_local, layout),
+            pk if k_local is k else pack(k_local, layout))
+
+
 def unpack(x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
     """[n * N, ...] -> [s, ...]: the rows of the real tokens (differentiable)."""
     return x.index_select(0, layout.index)
 
 
-def write_mask(layout: PackedLayout, write: Optional[torch.Tensor], b: int, hkv: int, device) -> torch.Tensor:
+def write_mask(layout: PackedLayout, write: Optional[torch.Tensor], b: int, hkv: int, device,
+               update: str = "linear") -> Optional[torch.Tensor]:
     """Write strengths [n * N, b, hkv] float32 in the padded layout: `write` (or 1) on the real
-    tokens, 0 on the padding, so padded rows never reach the memory."""
+    tokens, 0 on the padding, so padded rows never reach the memory. None for the delta rule
+    without `write`: its per-segment loop reads only the real rows (`Packing.lengths`)."""
+    if write is None and update == "delta":
+        return None
     if write is None:
         write = torch.ones(layout.index.numel(), b, hkv, dtype=torch.float32, device=device)
     return pack(write.float(), layout)
 
 
-def relative_doc_start(doc_start: torch.Tensor, first: int) -> torch.Tensor:
-    """`doc_start` of segments first.. counted from segment `first`: -1 where the document
-    started before `first` (those segments continue from the memory passed in)."""
-    return torch.where(doc_start >= first, doc_start - first, -1)
+
+
+def check_rank_boundaries(cu: list, s_local: int, cp_size: int, segment_length: int) -> None:
+    """Context parallelism over a packed input: rank r holds tokens [r * s_local, (r + 1) * s_local).
+    Each rank boundary must fall on a document boundary or on a segment boundary of the document
+    it cuts (a multiple of segment_length from that document's first token): the memory relay
+    hands over a document's state between whole segments. ValueError naming the boundary."""
+    for r in range(1, cp_size):
+        c = r * s_local
+        d = max(i for i, a in enumerate(cu[:-1]) if a <= c)  # the document holding token c
+        if (c - cu[d]) % segment_length:
+            raise ValueError(
+                f"packed documents with context parallelism: the boundary of context-parallel ranks {r - 1} "
+                f"and {r} (token {c}) falls {c - cu[d]} tokens into document {d} (tokens {cu[d]}..{cu[d + 1] - 1}), "
+                f"not on one of its segment boundaries (multiples of segment_length {segment_length} from its "
+                "first token); lay the documents out so that every rank boundary is a document boundary or a "
+                "segment boundary of the document it cuts, or use context_parallel_size 1")
+
+
+def rank_cu_seqlens(cu: list, start: int, s_local: int) -> Tuple[torch.Tensor, int]:
+    """This rank's share of a packed input, tokens [start, start + s_local): its own cu_seqlens
+    (int32, from 0 to s_local) and the rank where the document holding its first token starts
+    (its own rank's start when a document starts there)."""
+    inner = [a - start for a in cu if start < a < start + s_local]
+    first_doc_start = max(a for a in cu[:-1] if a <= start)
+    return torch.tensor([0, *inner, s_local], dtype=torch.int32), first_doc_start
+
+
+#: Length buckets of the packed local attention, as fractions of N (see `local_attention_buckets`).
+BUCKETS = (0.25, 0.5, 0.75, 1.0)
+
+
+def local_attention_buckets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, N: int, scale: Optional[float],
+                            lengths: Tuple[int, ...]) -> torch.Tensor:
+    """Causal attention inside each segment of the padded layout, a fused call per length bucket.
+
+    q [n * N, 1, hq, dk], k [n * N, 1, hkv, dk], v [n * N, 1, hkv, dv] -> [n, hq, N, dv] (the
+    folded layout of `fast.local_attention_folded`), rows past a segment's length zero.
+    A document's last segment is usually short; padded to N it would cost a full segment's
+    attention, so segments are grouped by length (up to N/4, N/2, 3N/4, N) and each group runs
+    cut to its bound.
+    """
+    n = len(lengths)
+
+    def fold(x):  # [n * N, 1, h, d] -> (n, h, N, d)
+        return x.view(n, N, x.shape[2], x.shape[3]).transpose(1, 2)
+
+    qf, kf, vf = fold(q), fold(k), fold(v)
+    lens = torch.tensor(lengths)
+    parts, order, low = [], [], 0
+    for frac in BUCKETS:
+        high = max(1, min(N, round(frac * N)))
+        idx = ((lens > low) & (lens <= high)).nonzero().flatten()
+        low = max(low, high)
+        if idx.numel() == 0:
+            continue
+        if idx.numel() == n and high == N:  # one bucket of whole segments: no gather
+            return sdpa_causal(qf, kf, vf, scale)
+        sel = idx.to(q.device)
+        out = sdpa_causal(*(x.index_select(0, sel)[:, :, :high] for x in (qf, kf, vf)), scale)  # (m, hq, high, dv)
+        parts.append(F.pad(out, (0, 0, 0, N - high)))  # (m, hq, N, dv)
+        order.append(idx)
+    inverse = torch.empty(n, dtype=torch.long)
+    inverse[torch.cat(order)] = torch.arange(n)
+    return torch.cat(parts).index_select(0, inverse.to(q.device))  # (n, hq, N, dv)

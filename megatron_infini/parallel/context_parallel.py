@@ -43,6 +43,7 @@ import torch.distributed as dist
 from megatron_infini.ops import (
     empty_memory, infini_attention, infini_attention_deferred, memory_delta, pack_memory, unpack_memory,
 )
+from megatron_infini.ops.packed import check_cu_seqlens, check_rank_boundaries, rank_cu_seqlens
 
 Memory = Tuple[torch.Tensor, torch.Tensor]
 
@@ -109,18 +110,32 @@ def setup_context_parallel(model: torch.nn.Module) -> None:
                 fwd.cache_clear()
 
 
+def packed_rank_share(cu_seqlens: torch.Tensor, s_local: int, b: int, cp_rank: int, cp_size: int,
+                      segment_length: int) -> Tuple[torch.Tensor, List[int]]:
+    """A context-parallel rank's share of a packed sequence (global boundaries `cu_seqlens`,
+    rank r holding tokens [r * s_local, (r + 1) * s_local)): its own cu_seqlens (int32, on
+    cu_seqlens' device) and, per rank, the rank where the document holding that rank's first
+    token starts. ValueError when a rank boundary cuts a document mid-segment."""
+    cu = check_cu_seqlens(cu_seqlens, s_local * cp_size, b)
+    check_rank_boundaries(cu, s_local, cp_size, segment_length)
+    first = [rank_cu_seqlens(cu, r * s_local, s_local)[1] // s_local for r in range(cp_size)]
+    return rank_cu_seqlens(cu, cp_rank * s_local, s_local)[0].to(cu_seqlens.device), first
+
+
 # --------------------------------------------------------------------------- autograd pieces
 class _ExclusivePrefixSum(torch.autograd.Function):
-    """forward: sum of the deltas of ranks < r (all-gather already started); backward: the
-    gradient w.r.t. this rank's delta is the sum of the gradients of ranks > r."""
+    """forward: sum of the deltas of ranks first[r] .. r-1 (all-gather already started);
+    backward: the gradient w.r.t. this rank's delta is the sum of the gradients of the ranks
+    r' > r with first[r'] <= r. `first[r]`: 0 for one sequence; packed documents: the rank
+    where the document holding rank r's first token starts (r when one starts there)."""
 
     @staticmethod
-    def forward(ctx, delta, relay, parts, work):
+    def forward(ctx, delta, relay, parts, work, first):
         work.wait()
-        ctx.relay = relay
+        ctx.relay, ctx.first = relay, first
         r = relay.rank
         out = torch.zeros_like(delta)
-        for p in parts[:r]:
+        for p in parts[first[r]:r]:
             out = out + p
         return out
 
@@ -129,9 +144,10 @@ class _ExclusivePrefixSum(torch.autograd.Function):
         relay = ctx.relay
         parts = relay.all_gather(grad.contiguous(), "allgather_bwd")
         out = torch.zeros_like(grad)
-        for p in parts[relay.rank + 1:]:
-            out = out + p
-        return out, None, None, None
+        for r2 in range(relay.rank + 1, relay.size):
+            if ctx.first[r2] <= relay.rank:
+                out = out + parts[r2]
+        return out, None, None, None, None
 
 
 class _RecvFromPrevious(torch.autograd.Function):
@@ -226,20 +242,35 @@ class MemoryRelay:
         k_local: Optional[torch.Tensor] = None,
         softmax_scale: Optional[float] = None,
         checkpoint_segments: int = 0,
+        cu_seqlens: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Memory]:
         """q [s, b, hq, dk], k [s, b, hkv, dk], v [s, b, hkv, dv]: this rank's block (whole
-        segments). Returns out [s, b, hq, dv] and this rank's final memory (M, z)."""
+        segments). Returns out [s, b, hq, dv] and this rank's final memory (M, z).
+
+        cu_seqlens: packed documents, the *global* boundaries [num_docs + 1] of the whole
+        packed sequence (every rank gets the same; b = 1). Each rank boundary must be a
+        document boundary or a segment boundary of the document it cuts
+        (`ops.packed.check_rank_boundaries`); the state is relayed only within a document.
+        """
         s, b, hkv, dk = k.shape
         dv = v.shape[-1]
-        if s % segment_length:
+        first = [0] * self.size  # per rank: the rank whose memory its first document continues from (0: all)
+        if cu_seqlens is not None:
+            cu_seqlens, first = packed_rank_share(cu_seqlens, s, b, self.rank, self.size, segment_length)
+        elif s % segment_length:
             raise ValueError(
                 f"context-parallel rank {self.rank} holds {s} tokens, not a multiple of segment_length "
                 f"{segment_length}: the sequence length must be a multiple of context_parallel_size * "
                 f"segment_length = {self.size * segment_length}")
         self.flush()
-        get_memory = self._start_linear(k, v) if update == "linear" else self._start_delta(k, b, hkv, dk, dv)
+        if update == "linear":
+            # packed: what this rank adds to the memory of the next is its last document's part
+            last = 0 if cu_seqlens is None else int(cu_seqlens[-2])
+            get_memory = self._start_linear(k[last:], v[last:], first)
+        else:
+            get_memory = self._start_delta(k, b, hkv, dk, dv, continues=first[self.rank] < self.rank)
         op = dict(segment_length=segment_length, update=update, q_local=q_local, k_local=k_local,
-                  softmax_scale=softmax_scale)
+                  softmax_scale=softmax_scale, cu_seqlens=cu_seqlens)
         if checkpoint_segments:
             out, final = infini_attention(q, k, v, gate, memory=get_memory(),
                                           checkpoint_segments=checkpoint_segments, **op)
@@ -249,14 +280,16 @@ class MemoryRelay:
             out = _SendToNext.apply(out, pack_memory(*final), self)
         return out, final
 
-    def _start_linear(self, k, v):
+    def _start_linear(self, k, v, first):
         delta = pack_memory(*memory_delta(k, v))  # [b, hkv, dk, dv + 1]
         parts, work = self.all_gather(delta.detach(), "allgather_fwd", async_op=True)
-        return lambda: unpack_memory(_ExclusivePrefixSum.apply(delta, self, parts, work))
+        return lambda: unpack_memory(_ExclusivePrefixSum.apply(delta, self, parts, work, first))
 
-    def _start_delta(self, k, b, hkv, dk, dv):
+    def _start_delta(self, k, b, hkv, dk, dv, continues=True):
         if self.rank == 0:
             return lambda: empty_memory(b, hkv, dk, dv, k.device)
         buf = torch.empty(b, hkv, dk, dv + 1, dtype=torch.float32, device=k.device)
         work = self.irecv(buf, self.rank - 1, self.tag_fwd)
+        if not continues:  # packed: a document starts on this rank; the state received belongs to another
+            return lambda: unpack_memory(_RecvFromPrevious.apply(k, self, buf, work) * 0.0)
         return lambda: unpack_memory(_RecvFromPrevious.apply(k, self, buf, work))
