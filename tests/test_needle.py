@@ -15,8 +15,10 @@ import pytest
 from train_utils import REPO, run_cli
 
 #: The slow recipe test's bar at 16T (tools/needle_tiny.sh, seed 0, `eval needle` with 2 needles
-#: and haystack numbers, evaluation seed 3): see docs/generalisation.md, "Natural text".
-NEEDLE_RECIPE_16T_THRESHOLD = 0.3
+#: and haystack numbers, evaluation seed 3): the acceptance's bar for every training seed. Not a
+#: measured figure: no run of the recipe has retrieved yet (docs/generalisation.md, "Natural
+#: text": 0-2% in the runs measured), so this test fails until the recipe works.
+NEEDLE_RECIPE_16T_THRESHOLD = 0.6
 
 
 @pytest.fixture(scope="module")
@@ -197,8 +199,8 @@ def test_needle_recipe_command_and_hardened_eval(tmp_path):
 @pytest.mark.slow
 def test_needle_recipe_retrieves_beyond_its_training_length(tmp_path):
     """The full recipe (tools/needle_tiny.sh, seed 0): at 16T (+5 tokens) the asked key of two is
-    retrieved from the held-out play with memory above NEEDLE_RECIPE_16T_THRESHOLD, and not
-    without memory."""
+    retrieved from the held-out play with memory above NEEDLE_RECIPE_16T_THRESHOLD, with few
+    distractor answers, and not without memory."""
     run = tmp_path / "nt"
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="2")
     proc = subprocess.run(["bash", os.path.join(REPO, "tools", "needle_tiny.sh"), str(run), "0"], cwd=REPO, env=env,
@@ -210,4 +212,5 @@ def test_needle_recipe_retrieves_beyond_its_training_length(tmp_path):
             timeout=900)
     res = json.loads(out.read_text())["results"]
     on, off = (sum(c["accuracy"] for c in res[m]["cells"]) / len(res[m]["cells"]) for m in ("on", "off"))
-    assert on >= NEEDLE_RECIPE_16T_THRESHOLD and off <= 0.1, (on, off)
+    distracted = sum(c["distractor_rate"] for c in res["on"]["cells"]) / len(res["on"]["cells"])
+    assert on >= NEEDLE_RECIPE_16T_THRESHOLD and off <= 0.05 and distracted <= 0.1, (on, off, distracted)
