@@ -10,7 +10,7 @@ Every variant trains the tiny model of configs/passkey_tiny.yaml with the real t
 process) on passkey documents of at most T = train.seq_length tokens, then evaluates with
 the `eval passkey` machinery at T, 4T, 16T and 64T, needle depths 0..1, memory on and off,
 over `--eval-seeds`; and measures at depth 0.5 the needle's share of the retrieval weights of
-the question's query (`retrieval_stats.needle_share`) and the gates. Results land in
+the query that predicts the key's first digit (`retrieval_stats.needle_share`) and the gates. Results land in
 OUT/<variant>-s<seed>/result.json; finished runs are not redone.
 """
 
@@ -120,7 +120,7 @@ def mean_head_shares(model, tok, length: int, digits: int) -> tuple:
     from megatron_infini.evaluation.passkey_data import PasskeyBuilder
     from megatron_infini.evaluation.retrieval_stats import needle_share
 
-    st = [needle_share(model, s) for s in make_samples(PasskeyBuilder(tok, intro=False), length, 0.5, 4, 99, digits)]
+    st = [needle_share(model, s, tok) for s in make_samples(PasskeyBuilder(tok, intro=False), length, 0.5, 4, 99, digits)]
     shares = [[sum(x["share"][l][h] for x in st) / len(st) for h in range(len(st[0]["share"][l]))]
               for l in range(len(st[0]["share"]))]
     return shares, st[0]["gate"]

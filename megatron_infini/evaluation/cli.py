@@ -9,6 +9,7 @@ TASKS = {
     "passkey": ("megatron_infini.evaluation.passkey", "main", "passkey retrieval accuracy, length x depth"),
     "passkey-data": ("megatron_infini.evaluation.finetune_data", "main", "passkey fine-tuning data (JSONL + shards)"),
     "needle": ("megatron_infini.evaluation.needle", "main", "needle in a haystack: natural text, distractor keys"),
+    "needle-data": ("megatron_infini.evaluation.needle_data", "main", "needle training documents (natural text, K keys)"),
     "perplexity": ("megatron_infini.evaluation.perplexity", "main", "perplexity per segment position, memory on/off"),
 }
 

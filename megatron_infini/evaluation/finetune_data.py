@@ -26,7 +26,9 @@ import json
 import os
 import random
 import sys
-from typing import Optional
+from typing import Iterable, Optional, Tuple
+
+from .passkey_data import PasskeySample
 
 
 def write_passkey_data(prefix: str, tokenizer, length: int, samples: int, min_length: Optional[int] = None,
@@ -36,7 +38,6 @@ def write_passkey_data(prefix: str, tokenizer, length: int, samples: int, min_le
     and with `answer_weight > 0` their loss weights at `prefix`_weights.{bin,idx,json}.
     Returns the metadata of the token shards."""
     from .passkey_data import PasskeyBuilder, random_key
-    from .recall import write_documents
 
     if min_length is not None and not 0 < min_length <= length:
         raise ValueError(f"min_length must be in 1..length ({length}), got {min_length}")
@@ -44,27 +45,46 @@ def write_passkey_data(prefix: str, tokenizer, length: int, samples: int, min_le
         raise ValueError(f"answer_weight and text_weight must be integers >= 0, got {answer_weight}, {text_weight}")
     builder = PasskeyBuilder(tokenizer, intro=intro)
     rng = random.Random(seed)
+
+    def prompts():
+        for _ in range(samples):
+            key, depth = random_key(rng, key_digits), rng.random()
+            doc_len = length if min_length is None else rng.randint(min_length, length)
+            s = builder.build(doc_len - len(builder.answer(key)) - 1, depth, key)
+            yield s, {"key": key, "depth": round(depth, 4)}
+
+    return write_prompt_documents(prefix, tokenizer, prompts(), length, answer_weight, text_weight, jsonl,
+                                  note=f"passkey L={length} min={min_length} digits={key_digits} intro={intro} "
+                                       f"seed={seed}")
+
+
+def write_prompt_documents(prefix: str, tokenizer, prompts: Iterable[Tuple[PasskeySample, dict]], length: int,
+                           answer_weight: float, text_weight: float, jsonl: bool, note: str) -> dict:
+    """Prompt + answer + EOS, EOS-padded to `length` tokens, for each (sample, record) of
+    `prompts`, at `prefix`.{bin,idx,json}; the text with `record` as `prefix`.jsonl; with
+    `answer_weight` > 0 the loss weights at `prefix`_weights.* (answer and its EOS
+    `answer_weight`, prompt `text_weight`, padding 0). Returns the token shards' metadata."""
+    from .recall import write_documents
+
     eos = tokenizer.eos_id
     weights = []  # per document, when answer_weight > 0
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     jf = open(prefix + ".jsonl", "w", encoding="utf-8") if jsonl else None
     try:
         def docs():
-            for _ in range(samples):
-                key, depth = random_key(rng, key_digits), rng.random()
-                doc_len = length if min_length is None else rng.randint(min_length, length)
-                answer = builder.answer(key)
-                s = builder.build(doc_len - len(answer) - 1, depth, key)
+            for s, record in prompts:
+                doc_len = len(s.ids) + len(s.answer_ids) + 1
+                if doc_len > length:
+                    raise ValueError(f"a prompt of {len(s.ids)} tokens does not fit in {length} with its answer")
                 if jf is not None:
-                    jf.write(json.dumps({"text": tokenizer.decode(s.ids + answer), "key": key,
-                                         "depth": round(depth, 4), "length": doc_len}) + "\n")
+                    jf.write(json.dumps({"text": tokenizer.decode(s.ids + s.answer_ids), **record,
+                                         "length": doc_len}) + "\n")
                 if answer_weight:
-                    weights.append([int(text_weight)] * len(s.ids) + [int(answer_weight)] * (len(answer) + 1)
+                    weights.append([int(text_weight)] * len(s.ids) + [int(answer_weight)] * (len(s.answer_ids) + 1)
                                    + [0] * (length - doc_len))
-                yield s.ids + answer + [eos] * (length - doc_len + 1)
+                yield s.ids + s.answer_ids + [eos] * (length - doc_len + 1)
 
-        meta = write_documents(prefix, docs(), tokenizer,
-                               note=f"passkey L={length} min={min_length} digits={key_digits} intro={intro} seed={seed}")
+        meta = write_documents(prefix, docs(), tokenizer, note=note)
     finally:
         if jf is not None:
             jf.close()

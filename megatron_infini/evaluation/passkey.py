@@ -6,7 +6,10 @@
 
 Each prompt is streamed segment by segment with the memory carried (`StreamingLM`), then the
 model generates greedily; a sample is correct when the first integer it generates equals the
-key. Samples of one (length, depth) cell have the same length and run as one batch.
+key. Samples of one (length, depth) cell have the same length and run as one batch. Lengths are
+any number of tokens (or multiples of the recipe's T with an offset: 16T+37); the needle moves
+to a random offset inside the segment its depth puts it in (`--fixed-offsets`: exactly at its
+depth), and `--haystack-numbers R` puts numbers of the key's form into the filler.
 `--no-memory` adds the ablation (every segment starts from an empty memory) as a second table.
 `passkey-data` writes fine-tuning documents (the paper fine-tunes 400 steps on 5K-token
 passkey inputs) as JSONL plus preprocessed shards for the trainer.
@@ -27,24 +30,7 @@ import torch
 from megatron_infini.inference.loader import add_dtype_arg
 
 from .passkey_data import PasskeyBuilder, PasskeySample, parse_key, random_key
-from .recipe import find_recipe, parse_lengths
-
-
-def parse_size(text: str) -> int:
-    """'4k' -> 4096, '1m' -> 1048576, '5000' -> 5000."""
-    t = text.strip().lower()
-    mult = {"k": 1024, "m": 1024 ** 2}.get(t[-1:], 1)
-    try:
-        return int(float(t[:-1] if mult > 1 else t) * mult)
-    except ValueError:
-        raise ValueError(f"bad length {text!r}: use e.g. 4096, 4k, 1m") from None
-
-
-def size_label(n: int) -> str:
-    for unit, mult in (("m", 1024 ** 2), ("k", 1024)):
-        if n >= mult and n % mult == 0:
-            return f"{n // mult}{unit}"
-    return str(n)
+from .recipe import find_recipe, parse_lengths, parse_size, size_label  # noqa: F401 (public names)
 
 
 @torch.no_grad()
@@ -71,19 +57,45 @@ def score_samples(model, tokenizer, samples: Sequence[PasskeySample], chunk_segm
 
 
 def make_samples(builder: PasskeyBuilder, length: int, depth: float, n: int, seed: int,
-                 key_digits: Optional[int] = None) -> List[PasskeySample]:
+                 key_digits: Optional[int] = None, segment_length: Optional[int] = None,
+                 numbers: float = 0.0) -> List[PasskeySample]:
+    """`n` prompts of one cell. The keys depend on (seed, length, depth) only; the in-segment
+    offsets (`segment_length`) and haystack numbers (`numbers` per 100 tokens) on a second
+    stream of the same seed, so the keys are those of the fixed-offset protocol."""
     rng = random.Random(f"{seed}-{length}-{depth}")
-    return [builder.build(length, depth, random_key(rng, key_digits)) for _ in range(n)]
+    place = random.Random(f"{seed}-{length}-{depth}-place")
+    return [builder.build(length, depth, random_key(rng, key_digits), rng=place, segment_length=segment_length,
+                          numbers=numbers, key_digits=key_digits) for _ in range(n)]
+
+
+def model_segment_length(model) -> int:
+    """The segment length of a loaded model (for needle offsets inside a segment)."""
+    from megatron_infini.inference.stream import unwrap
+
+    return int(unwrap(model).config.segment_length)
 
 
 def run_passkey(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], samples: int,
                 seed: int = 0, key_digits: Optional[int] = None, chunk_segments: int = 16,
-                batch_size: int = 16, memory: bool = True, log=print, intro: bool = True) -> Dict[str, dict]:
-    """{"{length}": {"{depth}": accuracy}} plus per-cell details under "cells"."""
+                batch_size: int = 16, memory: bool = True, log=print, intro: bool = True,
+                haystack_numbers: float = 0.0, random_offsets: bool = True) -> Dict[str, dict]:
+    """{"table": {"{length}": {"{depth}": accuracy}}, "cells": [...]}. `random_offsets`: each
+    needle at a random offset in the segment its depth puts it in (seeded by `seed`);
+    `haystack_numbers`: numbers of the keys' form per 100 filler tokens."""
     builder = PasskeyBuilder(tokenizer, intro=intro)
+    n = model_segment_length(model) if random_offsets else None
     return score_grid(model, tokenizer, lengths, depths,
-                      lambda length, depth: make_samples(builder, length, depth, samples, seed, key_digits),
+                      lambda length, depth: make_samples(builder, length, depth, samples, seed, key_digits, n,
+                                                         haystack_numbers),
                       chunk_segments, batch_size, memory, log, tag="passkey")
+
+
+def cell_scores(preds: Sequence[Optional[int]], group: Sequence[PasskeySample]) -> tuple:
+    """(accuracy, distractor_rate) of one cell: the share of answers equal to the asked key, and
+    the share equal to the key of another needle of the same prompt."""
+    correct = sum(p == s.key for p, s in zip(preds, group))
+    distracted = sum(p is not None and p != s.key and p in s.distractors for p, s in zip(preds, group))
+    return correct / len(group), distracted / len(group)
 
 
 def score_grid(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], make_group,
@@ -93,21 +105,24 @@ def score_grid(model, tokenizer, lengths: Sequence[int], depths: Sequence[float]
     and `eval needle`."""
     table: Dict[str, Dict[str, float]] = {}
     cells = []
+    segment = model_segment_length(model)
     for length in lengths:
         row = table.setdefault(size_label(length), {})
         for depth in depths:
             group = make_group(length, depth)
             t0 = time.perf_counter()
             preds = score_samples(model, tokenizer, group, chunk_segments, batch_size, memory)
-            correct = [p == s.key for p, s in zip(preds, group)]
-            acc = sum(correct) / len(correct)
+            acc, distracted = cell_scores(preds, group)
             row[f"{depth:g}"] = acc
             cells.append({"length": length, "depth": depth, "accuracy": acc, "samples": len(group),
-                          "keys": [s.key for s in group], "answers": preds,
+                          "keys": [s.key for s in group], "answers": preds, "distractor_rate": distracted,
+                          "distractors": [s.distractors for s in group],
+                          "needle_offsets": [s.needle_start % segment for s in group],
                           "seconds": round(time.perf_counter() - t0, 2)})
             if log:
                 log(f"[{tag}] memory={'on' if memory else 'off'} length={size_label(length)} depth={depth:g}: "
-                    f"{acc:.0%} ({sum(correct)}/{len(correct)}) in {cells[-1]['seconds']} s")
+                    f"{acc:.0%} ({round(acc * len(group))}/{len(group)}), distractor {distracted:.0%} "
+                    f"in {cells[-1]['seconds']} s")
     return {"table": table, "cells": cells}
 
 
@@ -119,6 +134,15 @@ def format_table(table: Dict[str, Dict[str, float]], title: str = "") -> str:
         vals = [row[d] for d in depths]
         lines.append(f"{length:>8} | " + " | ".join(f"{v:>6.0%}" for v in vals) + f" | {sum(vals) / len(vals):>6.0%}")
     return "\n".join(lines)
+
+
+def format_distractors(results: dict) -> str:
+    """One line: the distractor rate per length (mean over depths)."""
+    by_length: Dict[int, List[float]] = {}
+    for c in results["cells"]:
+        by_length.setdefault(c["length"], []).append(c["distractor_rate"])
+    return "distractor rate (answers giving another needle's key): " + ", ".join(
+        f"{size_label(n)} {sum(v) / len(v):.0%}" for n, v in by_length.items())
 
 
 def log_wandb_table(results: Dict[str, dict], project: str, run_name: Optional[str], mode: str) -> None:
@@ -147,6 +171,14 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="config overrides for the saved config (shape must not change)")
 
 
+def add_hardening_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--haystack-numbers", type=float, default=0.0, metavar="R",
+                   help="put about R numbers of the keys' form per 100 haystack tokens (default 0: none)")
+    p.add_argument("--fixed-offsets", action="store_true",
+                   help="place the needle exactly at its depth (the protocol before randomised in-segment "
+                        "offsets; by default it moves to a random offset in its segment, seeded by --seed)")
+
+
 def apply_recipe(args) -> dict:
     """Fill --key-digits / --intro left unset from the checkpoint's passkey_recipe.json (if any);
     returns the recipe ({} when there is none)."""
@@ -172,6 +204,7 @@ def main(argv=None) -> int:
                    help="keys uniform over D-digit numbers (default: the protocol's 1..50000)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts streamed together")
     p.add_argument("--no-memory", action="store_true", help="also run the memory-off ablation")
+    add_hardening_args(p)
     intro = p.add_mutually_exclusive_group()
     intro.add_argument("--no-intro", dest="intro", action="store_false", default=None,
                        help="leave out the protocol's introduction (as the synthetic recall task does)")
@@ -186,8 +219,9 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"megatron-infini eval passkey: {e}", file=sys.stderr)
         return 2
-    if any(not 0 <= d <= 1 for d in depths):
-        print("megatron-infini eval passkey: --depths must lie in [0, 1]", file=sys.stderr)
+    if any(not 0 <= d <= 1 for d in depths) or args.haystack_numbers < 0:
+        print("megatron-infini eval passkey: --depths must lie in [0, 1] and --haystack-numbers be >= 0",
+              file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -200,11 +234,13 @@ def main(argv=None) -> int:
             key = "on" if memory else "off"
             results[key] = run_passkey(model, tok, lengths, depths, args.samples, args.seed, args.key_digits,
                                        args.chunk_segments, args.batch_size, memory,
-                                       log=lambda m: print(m, file=sys.stderr), intro=args.intro)
+                                       log=lambda m: print(m, file=sys.stderr), intro=args.intro,
+                                       haystack_numbers=args.haystack_numbers, random_offsets=not args.fixed_offsets)
             print(format_table(results[key]["table"], f"passkey accuracy, memory {key} ({model.checkpoint_dir})"))
         out = {"checkpoint": model.checkpoint_dir, "segment_length": cfg.model.segment_length,
                "samples": args.samples, "seed": args.seed, "key_digits": args.key_digits, "intro": args.intro,
-               "recipe": recipe or None, "results": results}
+               "recipe": recipe or None, "haystack_numbers": args.haystack_numbers,
+               "random_offsets": not args.fixed_offsets, "results": results}
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(out, fh, indent=1)

@@ -1,24 +1,30 @@
-"""The prompt format a checkpoint was trained on: RUN_DIR/passkey_recipe.json.
+"""The prompt format a checkpoint was trained on: RUN_DIR/passkey_recipe.json or
+RUN_DIR/needle_recipe.json.
 
-    {"train_length": 128, "key_digits": 2, "intro": false}
+    {"train_length": 128, "key_digits": 2, "intro": false}                  passkey_recipe.json
+    {"train_length": 128, "needles": 2, "key_digits": 2, "intro": false}    needle_recipe.json
 
-Written by tools/passkey_tiny.sh (and anyone training on `eval passkey-data` documents);
-`eval passkey` and `eval needle` read it from the checkpoint's run directory so that they
-evaluate in the format the model was trained on, and accept lengths as multiples of the
-training length ("T,4T,16T,64T"). Explicit flags win over the recipe.
+Written by tools/passkey_tiny.sh and tools/needle_tiny.sh (and anyone training on
+`eval passkey-data` / `eval needle-data` documents); `eval passkey` and `eval needle` read it
+from the checkpoint's run directory so that they evaluate in the format the model was trained
+on, and accept lengths as multiples of the training length, with an offset in tokens
+("T,4T,16T+37,64T-5"). Explicit flags win over the recipe.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Optional
 
 RECIPE_FILE = "passkey_recipe.json"
+NEEDLE_RECIPE_FILE = "needle_recipe.json"
 
 
-def write_recipe(run_dir: str, train_length: int, key_digits: Optional[int], intro: bool, **extra) -> str:
-    path = os.path.join(run_dir, RECIPE_FILE)
+def write_recipe(run_dir: str, train_length: int, key_digits: Optional[int], intro: bool,
+                 file: str = RECIPE_FILE, **extra) -> str:
+    path = os.path.join(run_dir, file)
     os.makedirs(run_dir, exist_ok=True)
     with open(path, "w") as fh:
         json.dump({"train_length": int(train_length), "key_digits": key_digits, "intro": bool(intro), **extra},
@@ -34,9 +40,11 @@ def find_recipe(checkpoint_path: str) -> Optional[dict]:
         run_dir = os.path.dirname(os.path.dirname(path))
     elif os.path.basename(path) == "checkpoints":
         run_dir = os.path.dirname(path)
-    f = os.path.join(run_dir, RECIPE_FILE)
-    if not os.path.isfile(f):
+    found = [os.path.join(run_dir, name) for name in (RECIPE_FILE, NEEDLE_RECIPE_FILE)
+             if os.path.isfile(os.path.join(run_dir, name))]
+    if not found:
         return None
+    f = found[0]
     with open(f) as fh:
         recipe = json.load(fh)
     if not isinstance(recipe, dict) or not isinstance(recipe.get("train_length"), int):
@@ -44,22 +52,44 @@ def find_recipe(checkpoint_path: str) -> Optional[dict]:
     return recipe
 
 
-def parse_lengths(text: str, train_length: Optional[int]) -> list:
-    """'128,4T,1k' -> [128, 4 * T, 1024]; 'T' multiples need the training length."""
-    from .passkey import parse_size
+def parse_size(text: str) -> int:
+    """'4k' -> 4096, '1m' -> 1048576, '5000' -> 5000."""
+    t = text.strip().lower()
+    mult = {"k": 1024, "m": 1024 ** 2}.get(t[-1:], 1)
+    try:
+        return int(float(t[:-1] if mult > 1 else t) * mult)
+    except ValueError:
+        raise ValueError(f"bad length {text!r}: use e.g. 4096, 4k, 1m") from None
 
+
+def size_label(n: int) -> str:
+    for unit, mult in (("m", 1024 ** 2), ("k", 1024)):
+        if n >= mult and n % mult == 0:
+            return f"{n // mult}{unit}"
+    return str(n)
+
+
+def parse_lengths(text: str, train_length: Optional[int]) -> list:
+    """'128,4T,16T+37,64T-5,1k' -> [128, 4 T, 16 T + 37, 64 T - 5, 1024]; 'T' multiples need
+    the training length. Any length in tokens is allowed (not only multiples of the segment)."""
     out = []
     for item in (x.strip() for x in text.split(",")):
         if not item:
             continue
-        if item[-1] in "tT":
+        m = re.fullmatch(r"(\d*\.?\d*)[tT]\s*(?:([+-])\s*(\d+))?", item)
+        if m:
             if train_length is None:
                 raise ValueError(f"length {item!r} is a multiple of the training length, but the checkpoint "
-                                 f"has no {RECIPE_FILE}; give lengths in tokens")
+                                 f"has no {RECIPE_FILE} or {NEEDLE_RECIPE_FILE}; give lengths in tokens")
             try:
-                out.append(int(float(item[:-1] or 1) * train_length))
+                n = int(float(m.group(1) or 1) * train_length)
             except ValueError:
-                raise ValueError(f"bad length {item!r}: use e.g. T, 4T, 16T") from None
+                raise ValueError(f"bad length {item!r}: use e.g. T, 4T, 16T+37") from None
+            out.append(n + (int(m.group(3)) * (1 if m.group(2) == "+" else -1) if m.group(2) else 0))
+        elif item[-1:] in "tT":
+            raise ValueError(f"bad length {item!r}: use e.g. T, 4T, 16T+37")
         else:
             out.append(parse_size(item))
+    if any(n <= 0 for n in out):
+        raise ValueError(f"lengths must be positive, got {text!r}")
     return out

@@ -1,11 +1,14 @@
 """Why retrieval fails at long inputs: what the memory gives the question to read.
 
-For one passkey prompt, `needle_share` runs the model once over the whole prompt and, for
-the last prompt position (the query that must produce the key) of every layer and head,
-splits the memory's retrieval weights
+For one passkey prompt, `needle_share` runs the model once over the prompt followed by the
+answer up to its first key digit (" 73." is " ", "7", "3", "." with the shipped tokenizer, so
+the first digit is predicted at the answer's " ", which starts a new segment when the prompt
+length is a multiple of the segment length) and, for that position (`reading_position`: the
+query that must produce the first digit of the key) in every layer and head, splits the
+memory's retrieval weights
 
-    w_t = sigma(q_last) . sigma(k_t)     for every token t stored in the memory
-                                         (all tokens before the question's segment)
+    w_t = sigma(q_read) . sigma(k_t)     for every token t stored in the memory
+                                         (all tokens before the reading position's segment)
 
 into the needle's tokens and the rest: share = sum_{t in needle} w_t / sum_t w_t. With the
 linear update this is exactly the needle's weight in A_mem = sum_t w_t v_t / (sum_t w_t);
@@ -26,9 +29,19 @@ import torch
 from .passkey_data import PasskeySample
 
 
+def reading_position(sample: PasskeySample, tokenizer) -> tuple:
+    """(ids, position): the prompt plus the answer's tokens before its first digit, and the index
+    of the position whose next-token prediction is the key's first digit (the last of `ids`)."""
+    first = next((i for i, t in enumerate(sample.answer_ids) if tokenizer.decode([t]).strip()[:1].isdigit()), 0)
+    ids = list(sample.ids) + list(sample.answer_ids[:first])
+    return ids, len(ids) - 1
+
+
 @torch.no_grad()
-def needle_share(model, sample: PasskeySample) -> Dict[str, List[List[float]]]:
-    """{"share": [layer][head], "gate": [layer][head], "stored": tokens in memory at the question}."""
+def needle_share(model, sample: PasskeySample, tokenizer=None) -> Dict[str, List[List[float]]]:
+    """{"share": [layer][head], "gate": [layer][head], "stored": tokens in memory at the reading
+    position, "position": that position}. With `tokenizer`, the query is the one that predicts
+    the key's first digit (`reading_position`); without, the prompt's last token's."""
     from megatron_infini.inference.stream import unwrap
     from megatron_infini.ops._common import sigma
     from megatron_infini.streaming import infini_cores, set_memory_carry
@@ -38,19 +51,21 @@ def needle_share(model, sample: PasskeySample) -> Dict[str, List[List[float]]]:
     cores = list(infini_cores(m))
     captured = []
 
+    seq, read = reading_position(sample, tokenizer) if tokenizer is not None else (list(sample.ids), len(sample.ids) - 1)
+
     def hook(module, args, kwargs):
-        captured.append((args[0][-1, 0].float(), args[1][:, 0].float()))  # q_last [h, d], k [s, hkv, d]
+        captured.append((args[0][read, 0].float(), args[1][:, 0].float()))  # q_read [h, d], k [s, hkv, d]
 
     handles = [c.register_forward_pre_hook(hook, with_kwargs=True) for c in cores]
     try:
-        ids = torch.tensor([sample.ids], dtype=torch.long)
+        ids = torch.tensor([seq], dtype=torch.long)
         pos = torch.arange(ids.shape[1]).unsqueeze(0)
         m(ids, pos, None)
     finally:
         for h in handles:
             h.remove()
     N = cores[0].config.segment_length
-    stored = (len(sample.ids) - 1) // N * N  # tokens before the last position's segment
+    stored = read // N * N  # tokens before the reading position's segment
     shares, gates = [], []
     for core, (q, k) in zip(cores, captured):
         hq, hkv = q.shape[0], k.shape[1]
@@ -61,4 +76,4 @@ def needle_share(model, sample: PasskeySample) -> Dict[str, List[List[float]]]:
         needle = w[sample.needle_start:min(sample.needle_end, stored)].sum(0)
         shares.append((needle / w.sum(0).clamp(min=1e-30)).tolist() if stored else [0.0] * hq)
         gates.append(torch.sigmoid(core.gate.float()).tolist() if core.gate is not None else [])
-    return {"share": shares, "gate": gates, "stored": stored}
+    return {"share": shares, "gate": gates, "stored": stored, "position": read}
