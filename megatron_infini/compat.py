@@ -114,9 +114,9 @@ def async_save_strategy() -> Optional[str]:
 
     megatron-core 0.16 has one async implementation (its own) and no `async_strategy`
     argument: None. From 0.17 the argument exists and defaults to "nvrx" (NVIDIA
-    resiliency extension), which raises when `nvidia-resiliency-ext` is absent and asserts on
-    a version older than Megatron's minimum: "nvrx" only when Megatron's own check accepts the
-    installed package, else "mcore" (Megatron's own async save, the 0.16 behaviour).
+    resiliency extension), which raises when `nvidia-resiliency-ext` is absent or older than
+    Megatron's minimum: "nvrx" only when Megatron's own check accepts the installed package,
+    else "mcore" (Megatron's own async save, the 0.16 behaviour).
     """
     import inspect
 
@@ -129,8 +129,8 @@ def async_save_strategy() -> Optional[str]:
 
         if has_nvrx_async_support():
             return "nvrx"
-    except (ImportError, AssertionError):  # absent, or older than Megatron's minimum
-        pass
+    except Exception:  # noqa: BLE001 - absent, or unusable: Megatron's check asserts on a version
+        pass          # older than its minimum and raises AttributeError on 0.4 (no __version__)
     return "mcore"
 
 
