@@ -89,6 +89,7 @@ def get_gpt_layer_infini_spec(qk_layernorm: bool = False, memory_type: str = "in
     memory_type: "infini" (Infini-attention), "compressive" or "xl" (Compressive Transformer /
     Transformer-XL memories, `megatron_infini.layers.compressive`); must equal the config's
     `memory_type` (`get_gpt_block_infini_spec(config)` takes it from the config).
+    qk_layernorm: must equal the config's `qk_layernorm` (the layer refuses a mismatch).
 
     transformer_impl: see the module docstring; "local" needs neither Apex nor TE.
     fuse_norms (TE only): fold each norm into the next linear layer (TE's
@@ -197,7 +198,7 @@ def _sequence_parallel_norm_linear(base: type) -> type:
 _NORM_LINEAR: dict = {}
 
 
-def get_gpt_block_infini_spec(config: TransformerConfig, qk_layernorm: bool = False,
+def get_gpt_block_infini_spec(config: TransformerConfig, qk_layernorm: Optional[bool] = None,
                               transformer_impl: str = "auto") -> ModuleSpec:
     """Spec of the whole decoder: `config.num_layers` layers with the memory of
     `config.memory_type` and a final `Norm`.
@@ -208,7 +209,14 @@ def get_gpt_block_infini_spec(config: TransformerConfig, qk_layernorm: bool = Fa
     parallelism too the norms are fused (see the module docstring). With
     `config.memory_free_attention="xl"` the layers without memory are Transformer-XL layers
     (`megatron_infini.layers.compressive`, no compressed memory).
+    qk_layernorm: per-head q/k norms; None (default) takes `config.qk_layernorm`, which must
+    agree (Megatron reads the config, the spec supplies the norm).
     """
+    if qk_layernorm is None:
+        qk_layernorm = bool(config.qk_layernorm)
+    elif bool(qk_layernorm) != bool(config.qk_layernorm):
+        raise ValueError(f"qk_layernorm={qk_layernorm} but config.qk_layernorm={config.qk_layernorm}: "
+                         "they must agree (leave qk_layernorm unset to take the config's)")
     def layer(memory_type: str) -> ModuleSpec:
         return get_gpt_layer_infini_spec(qk_layernorm=qk_layernorm, memory_type=memory_type,
                                          transformer_impl=transformer_impl)

@@ -160,12 +160,15 @@ def resolve_checkpoint(path: str) -> str:
 
 def dist_save(sharded: dict, path: str, parallel_group=None, background: bool = False):
     """`dist_checkpointing.save`; synchronous without Megatron's helper process, or (`background`)
-    returning Megatron's AsyncRequest, whose writes run in a forked process.
+    returning the async request, whose writes run in a forked process: schedule it on
+    `compat.async_save_machinery(compat.async_save_strategy())[1]`, Megatron's own
+    AsyncCallsQueue or, when a recent nvidia-resiliency-ext is installed (megatron-core >= 0.17),
+    its AsyncCallsQueue.
 
     Megatron passes the write results of a save through a queue it creates on first use with a
     spawn-context multiprocessing Manager: a fresh interpreter (seconds per process), and one
-    that outlives a rank killed mid-save. A synchronous save uses that queue only inside this
-    process, so an in-process queue does the same job.
+    that outlives a rank killed mid-save. A synchronous save (always Megatron's own writer) uses
+    that queue only inside this process, so an in-process queue does the same job.
 
     parallel_group: ranks holding replicas of the same tensors (the data-parallel group):
     Megatron's FullyParallelSaveStrategyWrapper deals the replicated tensors out over them,
@@ -175,18 +178,27 @@ def dist_save(sharded: dict, path: str, parallel_group=None, background: bool = 
 
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
     from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
+    from megatron_infini import compat
+
+    kwargs = {}
     if background:  # the writer process reports through a queue shared across processes
-        if isinstance(getattr(filesystem_async, "_results_queue", None), queue.Queue):
-            filesystem_async._results_queue = None  # Megatron makes its Manager queue
-    elif getattr(filesystem_async, "_results_queue", False) is None:  # not created yet
-        filesystem_async._results_queue = queue.Queue()
+        strategy_name = compat.async_save_strategy()
+        if strategy_name is not None:
+            kwargs["async_strategy"] = strategy_name
+        results, _ = compat.async_save_machinery(strategy_name)
+        if isinstance(getattr(results, "_results_queue", None), queue.Queue):
+            results._results_queue = None  # Megatron makes its Manager queue
+    else:
+        results, _ = compat.async_save_machinery(None)  # the synchronous writer is Megatron's
+        if getattr(results, "_results_queue", False) is None:  # not created yet
+            results._results_queue = queue.Queue()
     strategy = get_default_save_sharded_strategy()
     if parallel_group is not None and dist.get_world_size(parallel_group) > 1:
         strategy = FullyParallelSaveStrategyWrapper(strategy, parallel_group)
-    return dist_checkpointing.save(sharded, path, sharded_strategy=strategy, async_sharded_save=background)
+    return dist_checkpointing.save(sharded, path, sharded_strategy=strategy, async_sharded_save=background,
+                                   **kwargs)
 
 
 def dist_load(sharded: dict, path: str, parallel_group=None) -> dict:
@@ -232,7 +244,7 @@ class CheckpointManager:
         self.loaded_step: Optional[int] = None
         self.saved_steps: List[int] = []
         self.fresh_optimizer_at: Optional[int] = None  # step where a layout change reset the optimizer
-        self._pending = None  # Megatron AsyncCallsQueue of background saves, made on first use
+        self._pending = None  # AsyncCallsQueue of background saves (Megatron's or NVRx's), made on first use
 
     def _zero3(self) -> bool:
         return getattr(self.engine, "zero_optimization_stage", lambda: 0)() == 3
@@ -264,10 +276,11 @@ class CheckpointManager:
             _crash_point("deepspeed")  # (phase name kept: DeepSpeed's own checkpoint is no longer written)
             self._publish(step)
             return final
-        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-
         if self._pending is None:
-            self._pending = AsyncCallsQueue()
+            from megatron_infini import compat
+
+            _, calls_queue = compat.async_save_machinery(compat.async_save_strategy())
+            self._pending = calls_queue(persistent=False)  # a forked writer per save, as Megatron's default
         request.add_finalize_fn(lambda: self._publish(step))
         self._pending.schedule_async_request(request)
         return final

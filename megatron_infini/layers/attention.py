@@ -36,7 +36,7 @@ from megatron.core.transformer.utils import (
 )
 from megatron.core.utils import divide, get_pg_size
 
-from megatron_infini.compat import ensure_cpu_compat, param_device
+from megatron_infini.compat import ensure_cpu_compat, param_device, unsupported_attention_options
 from megatron_infini.ops import infini_attention, local_attention
 from megatron_infini.ops.packed import document_positions
 
@@ -311,6 +311,15 @@ def in_segment_rope(freqs: torch.Tensor, s: int, segment_length: int) -> torch.T
     return freqs[:n].repeat(reps, *([1] * (freqs.dim() - 1)))[:s]  # [s, 1, 1, d]
 
 
+def refuse_unsupported_options(config: TransformerConfig, submodules: SelfAttentionSubmodules, name: str) -> None:
+    """ValueError listing the Megatron self-attention options that `name`'s forward would drop
+    (`compat.unsupported_attention_options`); called before Megatron's constructor, which
+    refuses some of them itself with a less specific message."""
+    problems = unsupported_attention_options(config, submodules)
+    if problems:
+        raise ValueError(f"{name} does not support these Megatron attention options: " + "; ".join(problems))
+
+
 class InfiniSelfAttention(SelfAttention):
     """Megatron `SelfAttention` whose core attention is `InfiniCoreAttention`.
 
@@ -336,6 +345,7 @@ class InfiniSelfAttention(SelfAttention):
         ensure_cpu_compat()
         if attn_mask_type != AttnMaskType.causal:
             raise ValueError(f"attn_mask_type must be AttnMaskType.causal for Infini-attention, got {attn_mask_type}")
+        refuse_unsupported_options(config, submodules, type(self).__name__)
         super().__init__(
             config=config, submodules=submodules, layer_number=layer_number,
             attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type, pg_collection=pg_collection,

@@ -35,7 +35,7 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, mak
 from megatron.core.utils import divide, get_pg_size
 
 from megatron_infini.compat import ensure_cpu_compat, param_device
-from megatron_infini.layers.attention import pop_loss_terms
+from megatron_infini.layers.attention import pop_loss_terms, refuse_unsupported_options
 from megatron_infini.ops.compressive import (
     compressive_attention,
     empty_compressive_memory,
@@ -186,6 +186,7 @@ class CompressiveSelfAttention(SelfAttention):
         ensure_cpu_compat()
         if attn_mask_type != AttnMaskType.causal:
             raise ValueError(f"attn_mask_type must be AttnMaskType.causal, got {attn_mask_type}")
+        refuse_unsupported_options(config, submodules, type(self).__name__)
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
         if not isinstance(self.core_attention, CompressiveCoreAttention):
