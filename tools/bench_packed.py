@@ -85,8 +85,8 @@ def main(argv=None) -> None:
     print(f"{s} tokens, {len(lengths)} documents (mean {s / len(lengths):.0f}), segment {args.segment_length}, "
           f"{args.update}, hq {hq} hkv {hkv} d {d}, {args.dtype} on {dev}; padded layout {layout.n} segments of "
           f"{layout.N} = {layout.n * layout.N / s:.2f}x the tokens")
-    print(f"forward+backward median: unpacked {statistics.median(times[False]) * 1e3:.1f} ms, "
-          f"packed (cu_seqlens) {statistics.median(times[True]) * 1e3:.1f} ms, "
+    print(f"forward+backward median: unpacked {statistics.median(times[False]) * 1e3:.3f} ms, "
+          f"packed (cu_seqlens) {statistics.median(times[True]) * 1e3:.3f} ms, "
           f"ratio {statistics.median(ratios):.2f}x (median of {args.rounds} rounds)")
 
 
