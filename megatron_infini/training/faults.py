@@ -140,7 +140,9 @@ class NonFiniteGuard:
 
 
 def check_finite_weights(model: torch.nn.Module, device: torch.device, step: int) -> None:
-    """Collective; raises on every rank when any rank holds a non-finite weight (before a save)."""
-    if all_ranks_any(_not_finite(model.parameters()), device):
+    """Collective; raises on every rank when any rank holds a non-finite weight (before a save).
+    Under ZeRO-3 a parameter's own tensor is an empty placeholder; this rank's partition is its
+    `ds_tensor`, so that is what is checked (the all-reduce covers every partition)."""
+    if all_ranks_any(_not_finite(getattr(p, "ds_tensor", p) for p in model.parameters()), device):
         raise FloatingPointError(f"non-finite weights at step {step}: not saving a checkpoint "
                                  "(the previous checkpoint stays the latest)")
