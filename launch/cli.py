@@ -146,9 +146,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--exclusive", action="store_true", help="ask for whole nodes (#SBATCH --exclusive)")
     s.add_argument("--omp-threads", type=int, default=None,
                    help="OMP_NUM_THREADS per rank (default: --cpus-per-task, else 1)")
-    s.add_argument("--rank-exit-wait", type=int, default=120,
+    s.add_argument("--rank-exit-wait", type=int, default=60,
                    help="seconds srun waits after the first rank exits before killing the others, "
-                        "so a dead rank ends the job (default %(default)s)")
+                        "so a dead rank ends the job within a minute (default %(default)s; ranks that "
+                        "finish or stop on request leave together after a barrier)")
     s.add_argument("--max-restarts", type=int, default=int(os.environ.get("MAX_RESTARTS", 3)),
                    help="requeue at most this many times (env MAX_RESTARTS; default %(default)s)")
     s.add_argument("--allow-local-run-dir", action="store_true",

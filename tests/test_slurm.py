@@ -136,7 +136,7 @@ def test_dry_run_renders_the_sbatch_script(config, tmp_path):
                  "#SBATCH --requeue", "#SBATCH --signal=B:USR1@", f"#SBATCH --output={tmp_path}/run/logs/slurm-%j.out",
                  f"RUN_DIR={tmp_path}/run", "NPROC_PER_NODE=8", "-m launch.rank", "export PYTHONUNBUFFERED=1",
                  "OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}", "CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}",
-                 "RANK_EXIT_WAIT=${RANK_EXIT_WAIT:-120}", "trap on_term TERM", "NodeAddr"):
+                 "RANK_EXIT_WAIT=${RANK_EXIT_WAIT:-60}", "trap on_term TERM", "NodeAddr"):
         assert line in s, line
     assert "torchrun" not in s.split("#SBATCH --job-name")[1]  # srun starts the ranks themselves
     assert "OVERRIDES=(" in s and "'data.train_data=/data/a b'" in s and "train.steps=7" in s
