@@ -81,18 +81,18 @@ def test_non_finite_weights_are_refused_before_a_save(tmp_path):
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
         model = torch.nn.Linear(3, 2)
-        check_finite_weights(model, torch.device("cpu"), 7)  # finite: no error
+        check_finite_weights(model, 7)  # finite: no error
         with torch.no_grad():
             model.weight[0, 0] = float("inf")
         with pytest.raises(FloatingPointError, match="non-finite weights at step 7: not saving"):
-            check_finite_weights(model, torch.device("cpu"), 7)
+            check_finite_weights(model, 7)
         # ZeRO-3 layout: the parameter is an empty placeholder, this rank's partition is `ds_tensor`
         part = torch.nn.Linear(3, 2)
         with torch.no_grad():
             part.weight.ds_tensor = torch.tensor([0.5, float("nan")])
             part.weight.data = torch.empty(0)
         with pytest.raises(FloatingPointError, match="non-finite weights at step 7"):
-            check_finite_weights(part, torch.device("cpu"), 7)
+            check_finite_weights(part, 7)
     finally:
         dist.destroy_process_group()
 

@@ -33,7 +33,7 @@ import sys
 from typing import Iterable, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
+from .distributed import all_reduce_max
 
 FAULT_ENV = "MEGATRON_INFINI_FAULT"
 
@@ -87,12 +87,6 @@ def _not_finite(tensors: Iterable[torch.Tensor]) -> bool:
     return bool(norms) and not bool(torch.isfinite(torch.stack(norms)).all())
 
 
-def all_ranks_any(flag: bool, device: torch.device) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
 @contextlib.contextmanager
 def _optimizer_step_skipped(engine):
     """The wrapped torch optimizer's `step` is a no-op inside (DeepSpeed's ZeRO and bf16
@@ -112,8 +106,8 @@ def _optimizer_step_skipped(engine):
 class NonFiniteGuard:
     """Decides, on every rank alike, whether the step's update is applied."""
 
-    def __init__(self, model: torch.nn.Module, max_consecutive: int, device: torch.device):
-        self.model, self.max_consecutive, self.device = model, max_consecutive, device
+    def __init__(self, model: torch.nn.Module, max_consecutive: int):
+        self.model, self.max_consecutive = model, max_consecutive
         self.skipped = 0  # in this run
         self.consecutive = 0
 
@@ -121,7 +115,7 @@ class NonFiniteGuard:
         """The accumulation-boundary `engine.step()`; returns True when the update was skipped.
         Collective (one scalar all-reduce)."""
         local = _not_finite(losses) or _not_finite(p.grad for p in self.model.parameters())
-        skip = all_ranks_any(local, self.device)
+        skip = all_reduce_max(local)
         if skip:
             with _optimizer_step_skipped(engine):
                 engine.step()
@@ -139,10 +133,10 @@ class NonFiniteGuard:
         return self.max_consecutive > 0 and self.consecutive >= self.max_consecutive
 
 
-def check_finite_weights(model: torch.nn.Module, device: torch.device, step: int) -> None:
+def check_finite_weights(model: torch.nn.Module, step: int) -> None:
     """Collective; raises on every rank when any rank holds a non-finite weight (before a save).
     Under ZeRO-3 a parameter's own tensor is an empty placeholder; this rank's partition is its
     `ds_tensor`, so that is what is checked (the all-reduce covers every partition)."""
-    if all_ranks_any(_not_finite(getattr(p, "ds_tensor", p) for p in model.parameters()), device):
+    if all_reduce_max(_not_finite(getattr(p, "ds_tensor", p) for p in model.parameters())):
         raise FloatingPointError(f"non-finite weights at step {step}: not saving a checkpoint "
                                  "(the previous checkpoint stays the latest)")

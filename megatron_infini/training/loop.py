@@ -158,7 +158,7 @@ class Trainer:
 
     def save(self, logger: MetricsLogger, background: bool = False) -> None:
         t0 = time.perf_counter()
-        faults.check_finite_weights(self.model, self.device, self.step)  # never save NaN weights
+        faults.check_finite_weights(self.model, self.step)  # never save NaN weights
         try:
             path = self.ckpt.save(self.step, self.trainer_state(),
                                   {"wandb_id": logger.wandb_id, "consumed_tokens": self.consumed_tokens,
@@ -208,7 +208,7 @@ class Trainer:
 
     def _train(self, watchdog: HangWatchdog) -> int:
         cfg = self.cfg
-        guard = faults.NonFiniteGuard(self.model, cfg.train.max_consecutive_skips, self.device)
+        guard = faults.NonFiniteGuard(self.model, cfg.train.max_consecutive_skips)
         self.resume()
         if self.rank == 0:
             dump_yaml(cfg, os.path.join(cfg.run_dir, "config.yaml"))
