@@ -76,7 +76,7 @@ def test_bench_loss_memory_reports_ratios(tmp_path):
 
 def test_bench_packed_reports_both_times_and_their_ratio():
     text = _tool("bench_packed.py", "--length", 512, "--mean-doc", 64, "--segment-length", 32, "--heads", 2,
-                 "--kv-heads", 1, "--head-dim", 16, "--rounds", 1)
+                 "--kv-heads", 1, "--head-dim", 16, "--rounds", 1, "--clock", "cpu")
     m = re.search(r"unpacked ([\d.]+) ms, packed \(cu_seqlens\) ([\d.]+) ms, ratio ([\d.]+)x", text)
     assert m, text
     assert float(m.group(3)) == pytest.approx(float(m.group(2)) / float(m.group(1)), rel=0.02, abs=0.01), text

@@ -135,7 +135,7 @@ def test_retrieval_share_is_read_by_the_query_of_the_first_key_digit(debug_run, 
 
 def test_needle_training_documents(tok, tmp_path):
     from megatron_infini.data.dataset import PackedDocumentDataset
-    from megatron_infini.evaluation.needle_data import training_haystack_path, write_needle_data
+    from megatron_infini.evaluation.needle_data import NAMED_NEEDLE, training_haystack_path, write_needle_data
     from megatron_infini.evaluation.passkey_data import parse_key
 
     assert training_haystack_path().endswith("shakespeare_train.jsonl")
@@ -162,6 +162,21 @@ def test_needle_training_documents(tok, tmp_path):
     assert numbers >= 30  # about 3 per 100 haystack tokens
     with pytest.raises(ValueError, match="min_length"):
         write_needle_data(str(tmp_path / "bad"), tok, 128, 2, needles=2, min_length=40)
+    # --needle-weight: every needle's tokens (the asked one and the distractor), found by their text
+    write_needle_data(prefix + "_nw", tok, 128, 20, needles=2, min_length=80, key_digits=2, text_weight=0,
+                      needle_weight=3, seed=5)
+    ds, ws = (PackedDocumentDataset(prefix + "_nw" + x, 128, shuffle=False) for x in ("", "_weights"))
+    for i, doc in enumerate(json.loads(line) for line in open(prefix + "_nw.jsonl")):
+        x, w, n = ds.document(i).tolist(), ws.document(i).tolist(), doc["length"]
+        answer = len(tok.encode(f" {doc['key']}.")) + 1
+        expect = [0] * (n - answer)
+        for name in re.findall(r"The (\w+) pass key is \d+\. Remember", tok.decode(x[:n])):
+            key = doc["key"] if f"What is the {name} " in tok.decode(x[:n]) else doc["distractors"][0]
+            needle = tok.encode(NAMED_NEEDLE.format(name=name, key=key))
+            at = [j for j in range(n) if x[j:j + len(needle)] == needle]
+            assert len(at) == 1
+            expect[at[0]:at[0] + len(needle)] = [3] * len(needle)
+        assert w[:n - answer] == expect and w[n - answer:n] == [20] * answer
 
 
 def test_needle_recipe_command_and_hardened_eval(tmp_path):

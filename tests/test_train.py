@@ -63,6 +63,9 @@ def test_zero_stages_match_plain_data_parallel(tmp_path, reference, stage):
     run = train(tmp_path / "run", "train.steps=4", f"deepspeed.zero_stage={stage}", *FAST)
     assert run.returncode == 0, run.output[-3000:]
     assert run.losses == pytest.approx(reference.losses, rel=1e-4, abs=1e-4)
+    # the global gradient norm too (stage 0 reports the norm DeepSpeed clips with: engine.keep_clipped_norm)
+    ref_norms = [r["grad_norm"] for r in reference.steps]
+    assert min(ref_norms) > 0 and [r["grad_norm"] for r in run.steps] == pytest.approx(ref_norms, rel=1e-3)
 
 
 def test_tensor_and_sequence_parallel_match_tp1(tmp_path, reference):
@@ -70,6 +73,7 @@ def test_tensor_and_sequence_parallel_match_tp1(tmp_path, reference):
                 "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true")
     assert run.returncode == 0, run.output[-3000:]
     assert run.losses == pytest.approx(reference.losses, rel=1e-4, abs=1e-4)
+    assert [r["grad_norm"] for r in run.steps] == pytest.approx([r["grad_norm"] for r in reference.steps], rel=1e-3)
 
 
 def _error(run) -> str:

@@ -2,17 +2,22 @@
 
     python tools/compare_memories.py --out runs/compare_memories            # ~ a few minutes on 2 cores
     python tools/compare_memories.py --out runs/cmp --steps 200 --variants infini-delta,compressive
+    python tools/compare_memories.py --out runs/ppl --steps 1000 --seq-length 512 --max-tokens 8192 \
+        --set model.segment_length=32                      # docs/memories.md's perplexity table
 
 Variants (all on configs/debug.yaml: 2 layers, hidden 64, 4 query / 2 key-value heads x 16,
 segments of N = 64, training sequences of T = 256 tokens):
-    infini-linear, infini-delta   Infini-attention, linear / delta memory update
+    infini-linear, infini-delta   Infini-attention, linear / delta memory update (the paper's layer)
+    infini-gated                  linear, with the learned write strengths (memory_write_gate=hard)
     compressive                   Compressive Transformer: memory 64 tokens, 32 compressed slots, c = 2
     xl                            Transformer-XL: memory 64 tokens
+    xl-equal                      Transformer-XL: memory 8 tokens, the state bytes of the Infini memory
+                                  (8 x 2 heads x (2 x 16 + 1) x 4 B = 2112 B against 2 x 16 x 17 x 4 B = 2176 B)
     local                         no memory (memory_enabled=false): attention within the segment only
 
 Each variant is trained by the real trainer (one process), then evaluated in this process with
 the library's own evaluations: perplexity per segment position on the held-out play (streamed
-with the memory carried), passkey accuracy at T, 4T and 16T tokens, the memory state kept per
+with the memory carried, and with the memory switched off: the on / off ratio), passkey accuracy at T, 4T and 16T tokens, the memory state kept per
 layer after streaming (bytes, this rank), and tokens/s (training, and streaming evaluation).
 Writes OUT/compare.json and prints a Markdown table.
 """
@@ -30,19 +35,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
     "infini-linear": ["model.memory_update=linear"],
     "infini-delta": ["model.memory_update=delta"],
+    "infini-gated": ["model.memory_update=linear", "model.memory_write_gate=hard"],
     "compressive": ["model.memory_type=compressive", "model.xl_memory_length=64",
                     "model.compressed_memory_length=32", "model.compression_rate=2"],
     "xl": ["model.memory_type=xl", "model.xl_memory_length=64"],
+    "xl-equal": ["model.memory_type=xl", "model.xl_memory_length=8"],
     "local": ["model.memory_enabled=false"],
 }
 
 
-def train(name: str, out: str, steps: int, seq: int, threads: int) -> dict:
+def train(name: str, out: str, steps: int, seq: int, threads: int, extra=()) -> dict:
     run_dir = os.path.join(out, name)
     cmd = [sys.executable, "-m", "megatron_infini.train", "--config", os.path.join(REPO, "configs", "debug.yaml"),
            f"run_dir={run_dir}", f"train.steps={steps}", f"train.seq_length={seq}", "train.eval_interval=0",
            "checkpoint.save_interval=0", "checkpoint.resume=none", "logging.progress_bar=false",
-           "deepspeed.zero_stage=0", *VARIANTS[name]]
+           "deepspeed.zero_stage=0", *extra, *VARIANTS[name]]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), WANDB_MODE="disabled", PYTHONWARNINGS="ignore")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -70,8 +77,8 @@ def evaluate(run_dir: str, seq: int, max_tokens: int, samples: int) -> dict:
     N = cfg.model.segment_length
     docs = [d[:max_tokens + 1] for d in iter_token_documents([str(SHAKESPEARE_VALID_PREFIX)], tok, 1)]
     t0 = time.perf_counter()
-    ppl = run_perplexity(model, docs, N, ablation=False, log=None)
-    eval_tps = sum(len(d) - 1 for d in docs) / (time.perf_counter() - t0)
+    ppl = run_perplexity(model, docs, N, ablation=True, log=None)
+    eval_tps = 2 * sum(len(d) - 1 for d in docs) / (time.perf_counter() - t0)  # memory on, then off
     lengths = [seq, 4 * seq, 16 * seq]
     pk = run_passkey(model, tok, lengths, [0.0, 0.5, 1.0], samples, seed=0, log=None)["table"]
     lm = StreamingLM(model)  # memory kept per layer after streaming 4T tokens
@@ -79,6 +86,7 @@ def evaluate(run_dir: str, seq: int, max_tokens: int, samples: int) -> dict:
     sizes = [sum(t.numel() * t.element_size() for t in m) for m in memory_snapshot(lm.model) if m is not None]
     lm.close()
     return {"ppl_bins": {f"{b['segments'][0]}-{b['segments'][1]}": b["ppl_memory_on"] for b in ppl["bins"]},
+            "ppl_off_bins": {f"{b['segments'][0]}-{b['segments'][1]}": b["ppl_memory_off"] for b in ppl["bins"]},
             "ppl_all": ppl["overall"]["ppl_memory_on"], "tokens_evaluated": int(sum(len(d) - 1 for d in docs)),
             "passkey": {k: sum(v.values()) / len(v) for k, v in pk.items()},
             "memory_bytes_per_layer": sizes[0] if sizes else 0, "eval_tokens_per_s": eval_tps}
@@ -87,11 +95,14 @@ def evaluate(run_dir: str, seq: int, max_tokens: int, samples: int) -> dict:
 def table(results: dict) -> str:
     first = next(iter(results.values()))
     bins, pk = list(first["ppl_bins"]), list(first["passkey"])
-    head = (["variant", "train loss"] + [f"ppl seg {b}" for b in bins] + ["ppl all"] + [f"passkey {p}" for p in pk]
+    late = bins[-2:]  # the on / off ratio where the memory holds the most
+    head = (["variant", "train loss"] + [f"ppl seg {b}" for b in bins] + ["ppl all"]
+            + [f"on/off seg {b}" for b in late] + [f"passkey {p}" for p in pk]
             + ["memory / layer", "train tok/s", "eval tok/s"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
         row = ([name, f"{r['final_loss']:.3f}"] + [f"{r['ppl_bins'][b]:.1f}" for b in bins] + [f"{r['ppl_all']:.1f}"]
+               + [f"{r['ppl_bins'][b] / r['ppl_off_bins'][b]:.3f}" for b in late]
                + [f"{r['passkey'][p]:.0%}" for p in pk]
                + [f"{r['memory_bytes_per_layer'] / 1024:.1f} KiB", f"{r['train_tokens_per_s']:.0f}",
                   f"{r['eval_tokens_per_s']:.0f}"])
@@ -108,7 +119,12 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=2048, help="tokens of the held-out play for perplexity")
     p.add_argument("--samples", type=int, default=2, help="passkey prompts per (length, depth)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (training and evaluation)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a trainer config override for every variant (repeatable), e.g. model.segment_length=32")
     args = p.parse_args(argv)
+    if any("=" not in o for o in args.set):
+        print(f"compare_memories: --set takes KEY=VALUE, got {args.set}", file=sys.stderr)
+        return 2
     names = [n for n in args.variants.split(",") if n]
     bad = [n for n in names if n not in VARIANTS]
     if bad:
@@ -122,7 +138,7 @@ def main(argv=None) -> int:
 
     results = {}
     for name in names:  # trainings first: each opens its own process group
-        results[name] = train(name, args.out, args.steps, args.seq_length, args.threads)
+        results[name] = train(name, args.out, args.steps, args.seq_length, args.threads, args.set)
         print(f"[compare] trained {name} in {results[name]['train_seconds']} s", file=sys.stderr, flush=True)
     with inference_session():
         for name in names:

@@ -24,7 +24,7 @@ SEED=0
 if [ $# -gt 0 ] && [[ "$1" =~ ^[0-9]+$ ]]; then SEED=$1; shift; fi
 PYTHON=${PYTHON:-$(bash tools/setup_env.sh)}
 K=${K:-2} T=${T:-128} DIGITS=${DIGITS:-2} NUMBERS=${NUMBERS:-3} MIN_LENGTH=${MIN_LENGTH:-80}
-ANSWER_WEIGHT=${ANSWER_WEIGHT:-20} TEXT_WEIGHT=${TEXT_WEIGHT:-0}
+ANSWER_WEIGHT=${ANSWER_WEIGHT:-20} TEXT_WEIGHT=${TEXT_WEIGHT:-0} NEEDLE_WEIGHT=${NEEDLE_WEIGHT:-$TEXT_WEIGHT}
 STEPS=${STEPS:-$("$PYTHON" -c "import yaml; print(yaml.safe_load(open('configs/needle_tiny.yaml'))['train']['steps'])")}
 export WANDB_MODE=${WANDB_MODE:-disabled} OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONWARNINGS=ignore
 mkdir -p "$RUN_DIR"
@@ -32,7 +32,7 @@ mkdir -p "$RUN_DIR"
 echo "== needle_tiny: data (T=$T, $K needles, documents of $MIN_LENGTH..$T tokens, $DIGITS-digit keys, $NUMBERS numbers per 100 tokens)"
 "$PYTHON" -m megatron_infini.cli eval needle-data --out "$RUN_DIR/data" --length "$T" --min-length "$MIN_LENGTH" \
     --samples $((STEPS * 16)) --needles "$K" --key-digits "$DIGITS" --haystack-numbers "$NUMBERS" \
-    --answer-weight "$ANSWER_WEIGHT" --text-weight "$TEXT_WEIGHT" --seed "$SEED"
+    --answer-weight "$ANSWER_WEIGHT" --text-weight "$TEXT_WEIGHT" --needle-weight "$NEEDLE_WEIGHT" --seed "$SEED"
 
 echo "== needle_tiny: train $STEPS steps (seed $SEED)"
 "$PYTHON" -m megatron_infini.train --config configs/needle_tiny.yaml "run_dir=$RUN_DIR" \

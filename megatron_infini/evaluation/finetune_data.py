@@ -59,11 +59,13 @@ def write_passkey_data(prefix: str, tokenizer, length: int, samples: int, min_le
 
 
 def write_prompt_documents(prefix: str, tokenizer, prompts: Iterable[Tuple[PasskeySample, dict]], length: int,
-                           answer_weight: float, text_weight: float, jsonl: bool, note: str) -> dict:
+                           answer_weight: float, text_weight: float, jsonl: bool, note: str,
+                           needle_weight: Optional[float] = None) -> dict:
     """Prompt + answer + EOS, EOS-padded to `length` tokens, for each (sample, record) of
     `prompts`, at `prefix`.{bin,idx,json}; the text with `record` as `prefix`.jsonl; with
     `answer_weight` > 0 the loss weights at `prefix`_weights.* (answer and its EOS
-    `answer_weight`, prompt `text_weight`, padding 0). Returns the token shards' metadata."""
+    `answer_weight`, prompt `text_weight`, the needles in it (`PasskeySample.needle_spans`)
+    `needle_weight` when given, padding 0). Returns the token shards' metadata."""
     from .recall import write_documents
 
     eos = tokenizer.eos_id
@@ -80,8 +82,11 @@ def write_prompt_documents(prefix: str, tokenizer, prompts: Iterable[Tuple[Passk
                     jf.write(json.dumps({"text": tokenizer.decode(s.ids + s.answer_ids), **record,
                                          "length": doc_len}) + "\n")
                 if answer_weight:
-                    weights.append([int(text_weight)] * len(s.ids) + [int(answer_weight)] * (len(s.answer_ids) + 1)
-                                   + [0] * (length - doc_len))
+                    prompt = [int(text_weight)] * len(s.ids)
+                    if needle_weight is not None:
+                        for a, b in s.needle_spans or [(s.needle_start, s.needle_end)]:
+                            prompt[a:b] = [int(needle_weight)] * (b - a)
+                    weights.append(prompt + [int(answer_weight)] * (len(s.answer_ids) + 1) + [0] * (length - doc_len))
                 yield s.ids + s.answer_ids + [eos] * (length - doc_len + 1)
 
         meta = write_documents(prefix, docs(), tokenizer, note=note)

@@ -114,19 +114,26 @@ class NeedleBuilder:
         before = sum(len(needles[i]) for i in range(1, len(needles)) if cuts[i] < cuts[0])
         start_tok = len(self.intro) + cuts[0] + before
         assert ids[start_tok:start_tok + len(needles[0])] == needles[0]
+        # every needle's start: after the needles at smaller cuts and those at the same cut with a smaller index
+        starts = [len(self.intro) + cuts[i] + sum(len(needles[j]) for j in range(len(needles))
+                                                  if (cuts[j], j) < (cuts[i], i)) for i in range(len(needles))]
+        spans = [(a, a + len(x)) for a, x in zip(starts, needles)]
+        assert starts[0] == start_tok and all(ids[a:b] == x for (a, b), x in zip(spans, needles))
         return PasskeySample(ids=ids, key=keys[0], needle_start=start_tok, needle_end=start_tok + len(needles[0]),
                              question_start=len(ids) - len(question), answer_ids=self.tok.encode(f" {keys[0]}."),
-                             distractors=keys[1:])
+                             distractors=keys[1:], needle_spans=spans)
 
 
 def write_needle_data(prefix: str, tokenizer, length: int, samples: int, needles: int = 2,
                       min_length: Optional[int] = None, key_digits: Optional[int] = 2, intro: bool = False,
                       numbers: float = 3.0, answer_weight: int = 20, text_weight: int = 1, seed: int = 0,
-                      haystack: Optional[str] = None, jsonl: bool = True) -> dict:
+                      haystack: Optional[str] = None, jsonl: bool = True, needle_weight: Optional[int] = None) -> dict:
     """Needle training documents of exactly `length` tokens at `prefix`.{bin,idx,json} (+ `.jsonl`),
     the haystack from the training plays (or `haystack`), and with `answer_weight > 0` their loss
     weights at `prefix`_weights.*: the answer (key digits, period, EOS) weighs `answer_weight`,
-    the prompt `text_weight`, the EOS padding 0. Each document: prompt + answer + EOS of
+    the prompt `text_weight` (its needles `needle_weight`, default `text_weight`: the second
+    mention of a key is predictable from the first, which teaches copying the key), the EOS
+    padding 0. Each document: prompt + answer + EOS of
     `min_length`..`length` tokens (uniform), the asked needle at a uniform random depth."""
     from .finetune_data import write_prompt_documents
 
@@ -137,8 +144,10 @@ def write_needle_data(prefix: str, tokenizer, length: int, samples: int, needles
     if not shortest <= min_length <= length:
         raise ValueError(f"min_length must be in {shortest}..length ({length}) for {needles} needle(s), "
                          f"got {min_length}")
-    if answer_weight < 0 or text_weight < 0:
-        raise ValueError(f"answer_weight and text_weight must be >= 0, got {answer_weight}, {text_weight}")
+    needle_weight = text_weight if needle_weight is None else needle_weight
+    if answer_weight < 0 or text_weight < 0 or needle_weight < 0:
+        raise ValueError(f"answer_weight, text_weight and needle_weight must be >= 0, got {answer_weight}, "
+                         f"{text_weight}, {needle_weight}")
     rng = random.Random(seed)
 
     def prompts():
@@ -148,8 +157,9 @@ def write_needle_data(prefix: str, tokenizer, length: int, samples: int, needles
             yield s, {"key": s.key, "distractors": s.distractors, "depth": round(depth, 4)}
 
     return write_prompt_documents(prefix, tokenizer, prompts(), length, answer_weight, text_weight, jsonl,
+                                  needle_weight=needle_weight,
                                   note=f"needle L={length} min={min_length} K={needles} digits={key_digits} "
-                                       f"numbers={numbers} intro={intro} seed={seed}")
+                                       f"numbers={numbers} intro={intro} seed={seed} needle_weight={needle_weight}")
 
 
 def main(argv=None) -> int:
@@ -175,6 +185,8 @@ def main(argv=None) -> int:
     p.add_argument("--intro", action="store_true", help="keep the protocol's introduction (default: none)")
     p.add_argument("--answer-weight", type=int, default=20, help="loss weight of the answer (0: no weights file)")
     p.add_argument("--text-weight", type=int, default=1, help="loss weight of prompt tokens")
+    p.add_argument("--needle-weight", type=int, default=None,
+                   help="loss weight of the needles' tokens in the prompt (default: --text-weight)")
     p.add_argument("--name", default="needle_train", help="file name prefix inside --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", default="", help="tokenizer (default: the shipped one)")
@@ -186,7 +198,7 @@ def main(argv=None) -> int:
         meta = write_needle_data(prefix, tok, length, args.samples, args.needles,
                                  parse_size(args.min_length) if args.min_length else None, args.key_digits,
                                  args.intro, args.haystack_numbers, args.answer_weight, args.text_weight, args.seed,
-                                 args.haystack)
+                                 args.haystack, needle_weight=args.needle_weight)
     except ValueError as e:
         print(f"megatron-infini eval needle-data: {e}", file=sys.stderr)
         return 2

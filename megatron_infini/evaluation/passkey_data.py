@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
          "I will quiz you about the important information there.")
@@ -44,6 +44,9 @@ class PasskeySample:
     """Ids of the expected continuation " K." (for training data and teacher forcing)."""
     distractors: List[int] = field(default_factory=list)
     """Keys of the other needles in the prompt (an answer giving one of them is a distractor hit)."""
+    needle_spans: List[Tuple[int, int]] = field(default_factory=list)
+    """(start, end) token indices of every needle in the prompt, the asked one first (empty:
+    only the asked needle, `needle_start` .. `needle_end`)."""
 
 
 #: Short phrases that put a number into a haystack (the number has the keys' form).

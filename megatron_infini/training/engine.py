@@ -155,4 +155,22 @@ def build_engine(model: torch.nn.Module, cfg: Config, dp_size: int):
         mpu=MegatronMPU(),
         dist_init_required=False,
     )
+    keep_clipped_norm(engine)
     return engine, optimizer
+
+
+def keep_clipped_norm(engine) -> None:
+    """Make `engine.get_global_grad_norm()` report the norm at ZeRO stage 0 in fp32 too.
+
+    Workaround (DeepSpeed 0.19): there the engine clips with `clip_fp32_gradients`, which
+    computes the global gradient norm and drops it, so `get_global_grad_norm()` stays None
+    and `metrics.jsonl` logged grad_norm 0.0 at every step. The same call, keeping its result.
+    """
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_fp32_gradients():
+        norm = clip_grad_norm_(parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(),
+                               mpu=engine.mpu)
+        engine._global_grad_norm = float(norm)
+
+    engine.clip_fp32_gradients = clip_fp32_gradients
