@@ -14,7 +14,8 @@
 # 128), DIGITS (key digits, default 2), NUMBERS (haystack numbers per 100 tokens, default 3),
 # MIN_LENGTH (shortest document, default 80), ANSWER_WEIGHT (loss weight of the answer, default
 # 20), TEXT_WEIGHT (of the prompt, default 0: the haystack is natural text whose language-model
-# loss would dominate the weighted loss of a model trained from scratch), OMP_NUM_THREADS
+# loss would dominate the weighted loss of a model trained from scratch), NEEDLE_WEIGHT (of the
+# needles' tokens in the prompt, default TEXT_WEIGHT), OMP_NUM_THREADS
 # (default 2). Extra arguments are trainer config overrides.
 set -euo pipefail
 cd "$(dirname "$0")/.."
