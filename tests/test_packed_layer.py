@@ -4,11 +4,14 @@ and parameter gradients equal to every document run alone from an empty memory.
 
 Documents (segment 8): 5 tokens (shorter than a segment), 8 (exactly one), 19 (several, not a
 multiple), 8 (starts mid-segment of the packed input); write strengths on, GQA (4 heads, 2
-groups). One spawn of 2 gloo processes: TP=1 (both rules), then TP=2 + sequence parallel;
+groups). One spawn of 2 gloo processes: TP=1 (both rules), DeepSpeed ZeRO-1 with the 2 ranks as
+data parallel (a different packed sequence on each, both rules), then TP=2 + sequence parallel;
 another at CP=2 with a document crossing the rank boundary.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -83,7 +86,7 @@ def _same(got, ref, what):
         assert_close(got[1][n], ref[1][n], rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}: grad {n}\n{m}")
 
 
-def _checks(rank, world_size, tp2_updates):
+def _checks(rank, world_size, tp2_updates, zero=True):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (1, sum(LENGTHS)), generator=g)
     labels = torch.roll(ids, -1, dims=1)
@@ -96,6 +99,8 @@ def _checks(rank, world_size, tp2_updates):
     unpacked = build_packed("linear")(ids, torch.arange(ids.shape[1]).unsqueeze(0), None, labels=labels)
     assert not torch.allclose(unpacked.detach(), refs["linear"][0], atol=1e-3)
     _refusals(ids, cu)
+    if zero:  # TP=1 here: data parallel over the 2 ranks
+        _zero_checks(rank, world_size, ("linear", "delta"))
 
     reinit_model_parallel(tp=2)
     for update in tp2_updates:
@@ -105,13 +110,14 @@ def _checks(rank, world_size, tp2_updates):
 
 
 def test_packed_gpt_model_equals_documents_alone_tp1_and_tp2_sp():
-    """Both rules at TP=1, the linear one at TP=2 + SP (the delta one: the slow test below)."""
+    """Both rules at TP=1 and under ZeRO-1 over 2 data-parallel ranks, the linear one at TP=2 + SP
+    (the delta one: the slow test below)."""
     assert run_distributed(_checks, 2, ("linear",), tp=1) == [True, True]
 
 
 @pytest.mark.slow
 def test_packed_gpt_model_tp2_sp_both_rules():
-    assert run_distributed(_checks, 2, ("linear", "delta"), tp=1) == [True, True]
+    assert run_distributed(_checks, 2, ("linear", "delta"), False, tp=1) == [True, True]
 
 
 def _refusals(ids, cu):
@@ -134,6 +140,61 @@ def _refusals(ids, cu):
     set_memory_carry(model, True)
     with pytest.raises(ValueError, match="memory carry"):
         model(ids, pos, None, packed_seq_params=packed_params(cu))
+
+
+# ----------------------------------------------------------------------------- ZeRO-1, DP = 2
+#: one packed sequence per data-parallel rank, 40 tokens each, segment 8. Rank 0: LENGTHS;
+#: rank 1: 3 (short), 8 starting at 3 (one segment, mid-segment), 21 starting at 11 (several,
+#: mid-segment), 8 starting at 32.
+DP_LENGTHS = (LENGTHS, [3, 8, 21, 8])
+LR = 0.1
+
+
+def _zero_checks(rank, world_size, updates):
+    """Per rank: the engine's per-token losses equal its documents alone; after one plain-SGD
+    step every parameter moved by -LR times the DP mean of the documents-alone gradients
+    (reduced here with torch.distributed, not DeepSpeed)."""
+    import deepspeed
+    import torch.distributed as dist
+    from torch.testing import assert_close
+
+    from megatron_infini.ops.packed import document_positions
+    from megatron_infini.training.engine import MegatronMPU
+
+    os.environ.setdefault("LOCAL_RANK", str(rank))  # deepspeed.initialize insists on it
+    g = torch.Generator().manual_seed(10 + rank)
+    ids = torch.randint(0, VOCAB, (1, 40), generator=g)  # [1, 40]: this rank's packed sequence
+    labels = torch.roll(ids, -1, dims=1)
+    cu = torch.tensor([0] + torch.tensor(DP_LENGTHS[rank]).cumsum(0).tolist(), dtype=torch.int32)
+    pos = document_positions(cu, 40).unsqueeze(0)  # [1, 40]
+    ds_config = {"train_batch_size": world_size, "train_micro_batch_size_per_gpu": 1,
+                 "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+                 "zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True,
+                 "steps_per_print": 10**9}
+    for update in updates:
+        ref_losses, ref_grads = alone_step(build_packed(update), ids, labels, cu)
+        for grad in ref_grads.values():  # the DP mean, without DeepSpeed
+            dist.all_reduce(grad)
+            grad /= world_size
+
+        model = build_packed(update)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        sgd = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.0, weight_decay=0.0)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=sgd, config=ds_config, mpu=MegatronMPU(),
+                                          dist_init_required=False)
+        assert engine.zero_optimization_stage() == 1 and engine.dp_world_size == world_size
+        losses = engine(ids, pos, None, labels=labels, packed_seq_params=packed_params(cu))  # [1, 40]
+        assert_close(losses.detach(), ref_losses, rtol=1e-5, atol=1e-5,
+                     msg=lambda m: f"ZeRO-1 ({update}): losses\n{m}")
+        engine.backward(losses.sum())
+        engine.step()
+        assert ref_grads.keys() == dict(model.named_parameters()).keys()
+        for n, p in model.named_parameters():
+            applied = (before[n] - p.detach()) / LR  # the gradient the step applied
+            # p is rounded to fp32 after the step: |error| <= ulp(p) / LR, ~1e-6 for |p| ~ 1
+            assert_close(applied, ref_grads[n], rtol=1e-4, atol=1e-5,
+                         msg=lambda m: f"ZeRO-1 ({update}): step of {n}\n{m}")
+    return True
 
 
 # ----------------------------------------------------------------------------- CP = 2
