@@ -199,13 +199,23 @@ def _zero_checks(rank, world_size, updates):
 
 # ----------------------------------------------------------------------------- CP = 2
 #: 48 tokens over 2 ranks of 24, segment 8. A: document 2 (tokens 8..26) crosses the rank
-#: boundary at a segment boundary of its own (16 tokens in); B: the boundary is a document's.
-CP_LAYOUTS = {"A": [3, 5, 19, 8, 13], "B": [5, 11, 8, 13, 11]}
-#: B also has a layer without memory (its local attention on the rank's share of the documents)
-MEMORY_LAYERS = {"A": {}, "B": {"memory_layers": (2,)}}
+#: boundary at a segment boundary of its own (16 tokens in); B: the boundary is a document's;
+#: C: document 1 (tokens 5..34) crosses it 19 tokens in, mid-segment (3 rows of its segment on
+#: rank 0, 5 on rank 1); D: document 1 (tokens 19..24), shorter than a segment, crosses it 5
+#: tokens in (its segment starts on rank 0: the tail starts a document).
+CP_LAYOUTS = {"A": [3, 5, 19, 8, 13], "B": [5, 11, 8, 13, 11], "C": [5, 30, 13], "D": [19, 6, 23],
+              "E": [3, 40, 5]}
+#: the rows of rank 0 that rank 1 prepends (its head: the cut segment's part on rank 0), at CP=2
+CP_TAIL = {"A": 0, "B": 0, "C": 3, "D": 5}
+#: E, at CP=4 (12 tokens a rank): document 1 (tokens 3..42) spans all 4 ranks, each boundary mid-segment
+#: (1, 5 and 1 rows cut): ranks 1 and 2 receive a head and send a tail.
+#: B and D also have a layer without memory (its local attention on the rank's share of the documents)
+MEMORY_LAYERS = {"A": {}, "B": {"memory_layers": (2,)}, "C": {}, "D": {"memory_layers": (2,)},
+                 "E": {"memory_layers": (2,)}}
 
 
 def _cp_checks(rank, world_size, cases):
+    """cases: (layout, update rule[, extra config fields of the CP model, e.g. checkpoint_segments])."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from test_context_parallel import build as build_cp
@@ -219,13 +229,14 @@ def _cp_checks(rank, world_size, cases):
     labels = torch.roll(ids, -1, dims=1)
     cus = {k: torch.tensor([0] + torch.tensor(v).cumsum(0).tolist(), dtype=torch.int32) for k, v in CP_LAYOUTS.items()}
     refs = {(lay, u): alone_step(build_cp(memory_update=u, segment_length=SEG, **MEMORY_LAYERS[lay]), ids, labels,
-                                 cus[lay]) for lay, u in cases}
+                                 cus[lay]) for lay, u, *_ in cases}
 
-    reinit_model_parallel(tp=1, context_parallel_size=2)
+    reinit_model_parallel(tp=1, context_parallel_size=world_size)
     group = ps.get_context_parallel_group()
-    mine = slice(24 * rank, 24 * (rank + 1))
-    for lay, u in cases:
-        model = build_cp(memory_update=u, segment_length=SEG, **MEMORY_LAYERS[lay])
+    n = 48 // world_size
+    mine = slice(n * rank, n * (rank + 1))
+    for lay, u, *extra in cases:
+        model = build_cp(memory_update=u, segment_length=SEG, **MEMORY_LAYERS[lay], **(extra[0] if extra else {}))
         counter = CommCounter()
         for core in infini_cores(model):
             if core.cp_relay is not None:
@@ -235,30 +246,48 @@ def _cp_checks(rank, world_size, cases):
         model.zero_grad()
         losses = model(ids[:, mine], pos, None, labels=labels[:, mine], packed_seq_params=packed_params(cu))
         losses.sum().backward()
-        parts = [torch.empty_like(losses) for _ in range(2)]
+        parts = [torch.empty_like(losses) for _ in range(world_size)]
         dist.all_gather(parts, losses.detach().contiguous(), group=group)
         grads = {}
         for n, p in model.named_parameters():
             grad = p.grad.detach().clone()
             dist.all_reduce(grad, group=group)  # the dp x cp gradient reduction
             grads[n] = grad
-        _same((torch.cat(parts, dim=1), grads), refs[(lay, u)], f"CP=2 packed, layout {lay} ({u})")
-        if u == "linear":  # still one [M | z] per layer each way (b * hkv * dk * (dv + 1) float32): flat in length
-            nbytes = sum(c.cp_relay is not None for c in infini_cores(model)) * 1 * 2 * 16 * 17 * 4
-            assert counter.bytes_by_kind == {"allgather_fwd": nbytes, "allgather_bwd": nbytes}
-    # a rank boundary inside a segment of a document: refused on every rank
+        _same((torch.cat(parts, dim=1), grads), refs[(lay, u)], f"CP={world_size} packed, layout {lay} ({u}) {extra}")
+        if u == "linear" and world_size == 2:
+            # one [M | z] per memory layer each way (b * hkv * dk * (dv + 1) float32), and the rows of the
+            # cut segment on rank 0 (k, v, k_local: b * hkv * 3 * 16 float32 each, fewer than N): flat in length
+            cores = list(infini_cores(model))
+            state = sum(c.gate is not None for c in cores) * 1 * 2 * 16 * 17 * 4
+            want = {"allgather_fwd": state, "allgather_bwd": state}
+            rows = sum(2 if c.gate is None else 3 for c in cores) * CP_TAIL[lay] * 1 * 2 * 16 * 4
+            if rows:
+                want["rows_fwd" if rank == 0 else "rows_bwd"] = rows
+            assert counter.bytes_by_kind == want, (counter.bytes_by_kind, want)
+    # a rank boundary inside a segment needs ranks of at least segment_length tokens: refused on every rank
     bad = torch.tensor([0, 5, 48], dtype=torch.int32)  # document 1 starts at 5: the boundary is 19 tokens in
-    with pytest.raises(ValueError, match="segment boundaries"):
-        build_cp(segment_length=SEG)(ids[:, mine], pos, None, packed_seq_params=packed_params(bad))
+    with pytest.raises(ValueError, match="at least segment_length"):
+        build_cp(segment_length=32)(ids[:, mine], pos, None, packed_seq_params=packed_params(bad))
     return True
 
 
 def test_packed_context_parallel_equals_documents_alone():
-    """CP=2 with a document crossing the rank boundary (linear) and with a document boundary at
-    the rank boundary (delta): per-token losses and gradients equal every document alone."""
-    assert run_distributed(_cp_checks, 2, [("A", "linear"), ("B", "delta")], tp=1) == [True, True]
+    """CP=2 with a document crossing the rank boundary at a segment boundary (A, linear), mid-segment
+    (C, both rules; D, a document shorter than a segment, delta, with a layer without memory) and with
+    a document boundary at the rank boundary (B, delta): per-token losses and gradients equal every
+    document alone."""
+    cases = [("A", "linear"), ("B", "delta"), ("C", "linear"), ("C", "delta"), ("D", "delta")]
+    assert run_distributed(_cp_checks, 2, cases, tp=1) == [True, True]
+
+
+@pytest.mark.slow
+def test_packed_context_parallel_4_ranks():
+    """CP=4: a document spans all ranks, every boundary mid-segment (middle ranks both receive and send)."""
+    assert run_distributed(_cp_checks, 4, [("E", "linear"), ("E", "delta")], tp=1) == [True] * 4
 
 
 @pytest.mark.slow
 def test_packed_context_parallel_other_combinations():
-    assert run_distributed(_cp_checks, 2, [("A", "delta"), ("B", "linear")], tp=1) == [True, True]
+    cases = [("A", "delta"), ("B", "linear"), ("D", "linear"),
+             ("C", "linear", {"checkpoint_segments": 1}), ("C", "delta", {"checkpoint_segments": 2})]
+    assert run_distributed(_cp_checks, 2, cases, tp=1) == [True, True]

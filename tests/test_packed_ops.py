@@ -137,3 +137,54 @@ def test_bad_cu_seqlens_are_refused(cu, s, b, match):
         infini_attention(q, k, v, gate, segment_length=4, cu_seqlens=torch.tensor(cu))
     with pytest.raises(ValueError, match="1-D integer"):
         infini_attention(q, k, v, gate, segment_length=4, cu_seqlens=torch.tensor([0.0, 8.0]))
+
+
+@pytest.mark.parametrize("update", UPDATES)
+def test_rank_shares_run_rank_after_rank_equal_the_whole_packed_op(update):
+    """The context-parallel plan (`ops.packed.rank_shares`) run rank after rank in one process: each
+    rank's rows before its tail (head included) from the state the previous rank handed on (where
+    its first document continues), its tail as its own segment from the state before it; the own
+    rows' outputs equal the whole packed op's. Linear rule: the state handed on is also the sum of
+    the ranks' `last`-document deltas from `first` on (what the all-gather adds up). Random
+    layouts, 2-4 ranks, documents spanning several ranks, boundaries mid-segment."""
+    from megatron_infini.ops import memory_delta
+    from megatron_infini.ops.packed import rank_shares
+
+    g = torch.Generator().manual_seed(3)
+    cuts = 0
+    for cp, s_local, seg in [(2, 12, 4), (3, 8, 8), (4, 6, 4), (4, 5, 5)]:
+        S = cp * s_local
+        q, k, v, gate, _ = _inputs(S, 1, 4, 2, 6, 5, seed=cp, with_memory=False)
+        for _ in range(4):
+            inner = torch.randperm(S - 1, generator=g)[:int(torch.randint(0, 6, (1,), generator=g))] + 1
+            cu = [0, *sorted(inner.tolist()), S]
+            ref, _ = infini_attention(q, k, v, gate, segment_length=seg, update=update,
+                                      cu_seqlens=torch.tensor(cu, dtype=torch.int32))
+            shares = rank_shares(cu, s_local, cp, seg)
+            outs, handed, deltas = [], None, []
+            for r, sh in enumerate(shares):
+                assert sh.head == (shares[r - 1].tail if r else 0) and sh.tail < seg
+                lo, L = r * s_local - sh.head, sh.head + s_local
+                main = L - sh.tail
+                local = sh.cu_seqlens.tolist()
+                assert local[-1] == L and all(a + lo in cu for a in local[1:-1])
+                x = slice(lo, lo + main)
+                if update == "linear" and sh.first < r:
+                    total = sum(d[0] for d in deltas[sh.first:r])
+                    _close(total, handed[0], 1e-5, 1e-5, "linear prefix sum M")
+                out, mem = infini_attention(q[x], k[x], v[x], gate, segment_length=seg, update=update,
+                                            memory=handed if sh.first < r else None,
+                                            cu_seqlens=torch.tensor([a for a in local if a < main] + [main]))
+                deltas.append(memory_delta(k[lo + sh.last:lo + main], v[lo + sh.last:lo + main]))
+                handed = mem
+                if sh.tail:
+                    cuts += 1
+                    t = slice(lo + main, lo + L)
+                    out_t, _ = infini_attention(q[t], k[t], v[t], gate, segment_length=seg, update=update,
+                                                memory=None if sh.tail_starts_document else mem)
+                    out = torch.cat([out, out_t])
+                outs.append(out[sh.head:])
+            _close(torch.cat(outs), ref, 1e-5, 1e-5, f"cp {cp}, cu {cu}")
+    assert cuts > 10  # most layouts cut segments
+    with pytest.raises(ValueError, match="at least segment_length"):  # a segment could span three ranks
+        rank_shares([0, 3, 24], 6, 4, 8)

@@ -101,9 +101,8 @@ def _cp_batches(rank, world_size):
     from megatron_infini.training.batches import batch_loss, model_kwargs, prepare_batch
     from megatron_infini.training.config import load_config
 
-    # the context-parallel split comes from the group passed to prepare_batch; the trainer's config
-    # still refuses resets with context_parallel_size > 1 (the memory relay does not cut
-    # mid-segment at a document boundary), so the config here is the single-rank one
+    # the context-parallel split comes from the group passed to prepare_batch (the config's
+    # parallel.context_parallel_size is not read there), so the config here is the single-rank one
     cfg = load_config(None, ["model.segment_length=8", "train.seq_length=32",
                              "data.reset_attention_mask=true", "data.reset_position_ids=true",
                              "data.eod_mask_loss=true"])

@@ -114,10 +114,11 @@ class InfiniCoreAttention(MegatronModule):
         self.carry_memory = False
         self.memory: Optional[Memory] = None
         self.last_memory_stats: Optional[torch.Tensor] = None  # set by forwards in training mode (metrics)
-        # Context parallelism: this rank holds a contiguous block of whole segments and gets
-        # its initial memory from the ranks before it (megatron_infini.parallel).
+        # Context parallelism: this rank holds a contiguous block of the sequence and gets its
+        # initial memory from the ranks before it (megatron_infini.parallel); packed documents:
+        # also the rows of a segment that the rank boundary cuts (layers without memory too).
         self.cp_relay = None
-        if self.cp_size > 1 and has_memory:
+        if self.cp_size > 1:
             from megatron_infini.parallel.context_parallel import MemoryRelay
 
             self.cp_relay = MemoryRelay(self.cp_group, tag=layer_number)
@@ -149,15 +150,13 @@ class InfiniCoreAttention(MegatronModule):
         if self.cp_size > 1:
             self._check_context_parallel(s, packed=cu_seqlens is not None)
         if self.gate is None:
-            if cu_seqlens is not None and self.cp_size > 1:  # this rank's share of the documents
-                from megatron_infini.parallel.context_parallel import packed_rank_share
-
-                cu_seqlens = packed_rank_share(cu_seqlens, s, b, self.cp_group.rank(), self.cp_size,
-                                               cfg.segment_length)[0]
-            out = local_attention(
-                query if q_local is None else q_local, key if k_local is None else k_local, value,
-                cfg.segment_length, self.softmax_scale, cu_seqlens=cu_seqlens,
-            )  # [s, b, np, hn]
+            local = (query if q_local is None else q_local, key if k_local is None else k_local, value)
+            if self.cp_relay is not None:  # packed: the rows of a segment cut by the rank boundary travel
+                out = self.cp_relay.local_attention(*local, segment_length=cfg.segment_length,
+                                                    softmax_scale=self.softmax_scale, cu_seqlens=cu_seqlens)
+            else:
+                out = local_attention(*local, cfg.segment_length, self.softmax_scale, cu_seqlens=cu_seqlens)
+            # out [s, b, np, hn]
         else:
             memory = self.memory if self.carry_memory else None
             if memory is not None and memory[0].shape[0] != b:

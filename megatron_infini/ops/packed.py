@@ -14,13 +14,19 @@ causality hides them; `local_attention_buckets`), padded rows write nothing (wri
 or skipped by the delta rule's loop), and the memory restarts at each document's first segment
 (`Packing`). No loop over documents.
 
+Context parallelism (`rank_shares`): every rank gets the global boundaries and holds a
+contiguous block; a rank boundary may fall anywhere. Where it cuts a segment, the part of that
+segment on rank r-1 (its tail) also goes to rank r (its head), so the segment is whole on rank
+r (`megatron_infini.parallel.context_parallel` relays the rows and the memory).
+
 Legend: s tokens of the packed input, N segment length, n segments of all documents,
 D documents.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+import bisect
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -144,32 +150,69 @@ def write_mask(layout: PackedLayout, write: Optional[torch.Tensor], b: int, hkv:
     return pack(write.float(), layout)
 
 
+class RankShare(NamedTuple):
+    """What one context-parallel rank computes of a packed input (see `rank_shares`)."""
+
+    cu_seqlens: torch.Tensor
+    """int32 [num_docs + 1]: the boundaries of the rank's rows, head included (0 .. head + s_local)."""
+    head: int
+    """Rows received from rank r-1 and put before the rank's own: the part of a segment that
+    straddles their boundary (0: the boundary falls on a segment or document boundary)."""
+    tail: int
+    """The rank's last rows that rank r+1 prepends (its `head`): they are not written to the
+    memory handed on (0: none)."""
+    first: int
+    """The rank whose memory part holds the first token of the document of the rank's first row
+    (the rank itself when that document starts in its memory part: it starts from an empty memory)."""
+    last: int
+    """Row (head included) where the last document of the rank's memory part starts."""
+    tail_starts_document: bool
+    """The tail is the start of a document (it continues from no memory of this rank)."""
 
 
-def check_rank_boundaries(cu: list, s_local: int, cp_size: int, segment_length: int) -> None:
-    """Context parallelism over a packed input: rank r holds tokens [r * s_local, (r + 1) * s_local).
-    Each rank boundary must fall on a document boundary or on a segment boundary of the document
-    it cuts (a multiple of segment_length from that document's first token): the memory relay
-    hands over a document's state between whole segments. ValueError naming the boundary."""
+def rank_shares(cu: list, s_local: int, cp_size: int, segment_length: int) -> List[RankShare]:
+    """Context parallelism over a packed input (boundaries `cu`, a list of ints): rank r holds
+    tokens [r * s_local, (r + 1) * s_local). Per rank, what it computes (`RankShare`).
+
+    A rank boundary may fall anywhere. Where it falls p tokens (0 < p < N) into a segment of the
+    document it cuts, those p rows of rank r-1 are its *tail* and rank r's *head*: rank r-1
+    computes their outputs (their segment's rows it holds), rank r prepends them to its own rows
+    so that the segment is whole there and writes them to the memory. Rank r's *memory part*,
+    the rows whose writes it hands on, is [r * s_local - head, (r + 1) * s_local - tail); the
+    memory parts cut [0, s) into consecutive pieces, so every token is written once.
+    ValueError when such a boundary exists and a rank holds fewer than segment_length tokens
+    (a segment could span three ranks).
+    """
+    N = segment_length
+
+    def doc_of(t: int) -> int:  # the document holding token t
+        return bisect.bisect_right(cu, t) - 1
+
+    cut = [0] * (cp_size + 1)  # cut[r]: rows of rank r-1 handed to rank r
     for r in range(1, cp_size):
         c = r * s_local
-        d = max(i for i, a in enumerate(cu[:-1]) if a <= c)  # the document holding token c
-        if (c - cu[d]) % segment_length:
+        d = doc_of(c)
+        cut[r] = (c - cu[d]) % N
+        if cut[r] and s_local < N:
             raise ValueError(
-                f"packed documents with context parallelism: the boundary of context-parallel ranks {r - 1} "
-                f"and {r} (token {c}) falls {c - cu[d]} tokens into document {d} (tokens {cu[d]}..{cu[d + 1] - 1}), "
-                f"not on one of its segment boundaries (multiples of segment_length {segment_length} from its "
-                "first token); lay the documents out so that every rank boundary is a document boundary or a "
-                "segment boundary of the document it cuts, or use context_parallel_size 1")
-
-
-def rank_cu_seqlens(cu: list, start: int, s_local: int) -> Tuple[torch.Tensor, int]:
-    """This rank's share of a packed input, tokens [start, start + s_local): its own cu_seqlens
-    (int32, from 0 to s_local) and the rank where the document holding its first token starts
-    (its own rank's start when a document starts there)."""
-    inner = [a - start for a in cu if start < a < start + s_local]
-    first_doc_start = max(a for a in cu[:-1] if a <= start)
-    return torch.tensor([0, *inner, s_local], dtype=torch.int32), first_doc_start
+                f"packed documents with context parallelism: each context-parallel rank holds {s_local} tokens, "
+                f"fewer than segment_length {N}, and the boundary of ranks {r - 1} and {r} (token {c}) falls "
+                f"{cut[r]} tokens into a segment of document {d} (tokens {cu[d]}..{cu[d + 1] - 1}); each rank must "
+                f"hold at least segment_length tokens when a rank boundary cuts a segment: use a sequence length "
+                f"of at least context_parallel_size * segment_length = {cp_size * N}")
+    lo = [r * s_local - cut[r] for r in range(cp_size)]  # first row of each rank (head included)
+    hi = [(r + 1) * s_local - cut[r + 1] for r in range(cp_size)]  # end of each rank's memory part
+    shares = []
+    for r in range(cp_size):
+        start, stop = lo[r], (r + 1) * s_local
+        f = cu[doc_of(start)]  # first token of the document of the first row
+        first = r if f >= start else max(i for i in range(r) if lo[i] <= f)
+        inner = [a - start for a in cu if start < a < stop]
+        last = max(cu[doc_of(hi[r] - 1)], start) - start
+        tail = cut[r + 1]
+        shares.append(RankShare(torch.tensor([0, *inner, stop - start], dtype=torch.int32), cut[r], tail,
+                                first, last, tail > 0 and hi[r] in cu))
+    return shares
 
 
 #: Length buckets of the packed local attention, as fractions of N (see `local_attention_buckets`).

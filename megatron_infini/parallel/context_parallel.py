@@ -1,8 +1,8 @@
 """Context parallelism for Infini-attention: the memory relay.
 
-Each context-parallel (CP) rank holds a contiguous, in-order block of whole segments: rank r
-of cp holds tokens [r * s / cp, (r + 1) * s / cp) (not Megatron's load-balanced chunks r and
-2cp-1-r). It runs local attention on its own segments and needs only the memory (M, z) left by
+Each context-parallel (CP) rank holds a contiguous, in-order block of whole segments (packed
+documents: see below): rank r of cp holds tokens [r * s / cp, (r + 1) * s / cp) (not
+Megatron's load-balanced chunks r and 2cp-1-r). It runs local attention on its own segments and needs only the memory (M, z) left by
 the segments of the ranks before it:
 
 - linear update: the state is additive, so rank r starts from the exclusive prefix sum over
@@ -24,11 +24,36 @@ attention runs while the state is in flight, sends do not wait for the receiver)
 the same bubble, reversed (rank cp-1 first). The linear rule has no bubble: all ranks meet at
 one all-gather, which overlaps the local attention.
 
+Packed documents (`cu_seqlens`, global boundaries, every rank the same; `ops.packed.rank_shares`):
+each document is cut into segments from its own first token, so a rank boundary may fall p
+tokens (0 < p < N) into a segment of the document it cuts. Those p rows of rank r-1 are its
+*tail*: it computes their outputs (local attention among themselves, retrieval from the memory
+before their segment) but does not write them to the memory it hands on. It sends their k, v
+and k_local (one message [p, b, hkv, 2 dk + dv], at most N-1 rows per layer: flat in length)
+to rank r, which puts them before its own rows as its *head*: the segment is whole there, its
+rows attend to the head's keys, read the memory received and write head and own rows; the head
+rows' outputs are dropped, and their gradients go back to rank r-1 in backward (`_SendTail`,
+`_RecvHead`), added to those of its tail. A rank's *memory part*, [r * s - head, (r + 1) * s -
+tail), is what it writes for later ranks; the parts cut the sequence into consecutive pieces,
+so every token is written once (a rank may receive a head and send a tail, or hold only the
+middle of a document). Linear rule: rank r's delta is that of its memory part's last document
+(the head included when that document is its first, the tail never), and rank r sums the deltas
+of the ranks from the one whose memory part holds its first document's first token (itself,
+i.e. nothing, when that document starts in its own memory part, head included). Delta rule: the
+state sent is the one before the tail (the rows before the tail run as one call, the tail as a
+second short call from that state, its final state kept only as this rank's result), and a
+rank whose first document starts in its own memory part drops the state received. Each rank
+must hold at least N tokens when a rank boundary cuts a segment (so a segment spans at most two
+ranks); ValueError otherwise. Layers without memory exchange the head rows too
+(`MemoryRelay.local_attention`).
+
 Messages pack (M, z) into one tensor [b, hkv, dk, dv + 1] float32 (`pack_memory`). Bytes are
 counted by an optional `CommCounter` (what each rank sends: an all-gather of n bytes sends
-(cp - 1) * n, as a ring all-gather does).
+(cp - 1) * n, as a ring all-gather does; "rows_fwd" / "rows_bwd" for a cut segment's rows and
+their gradients).
 
-Legend: s sequence, b batch, hkv key/value heads of this tensor-parallel rank, dk / dv head dims.
+Legend: s sequence (this rank's tokens), b batch, hkv key/value heads of this tensor-parallel
+rank, dk / dv head dims, N segment length.
 With tensor parallelism each TP rank relays the memory of its own heads within its CP group.
 """
 
@@ -41,9 +66,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_infini.ops import (
-    empty_memory, infini_attention, infini_attention_deferred, memory_delta, pack_memory, unpack_memory,
+    empty_memory, infini_attention, infini_attention_deferred, local_attention, memory_delta, pack_memory,
+    unpack_memory,
 )
-from megatron_infini.ops.packed import check_cu_seqlens, check_rank_boundaries, rank_cu_seqlens
+from megatron_infini.ops.packed import RankShare, check_cu_seqlens, rank_shares
 
 Memory = Tuple[torch.Tensor, torch.Tensor]
 
@@ -110,16 +136,14 @@ def setup_context_parallel(model: torch.nn.Module) -> None:
                 fwd.cache_clear()
 
 
-def packed_rank_share(cu_seqlens: torch.Tensor, s_local: int, b: int, cp_rank: int, cp_size: int,
-                      segment_length: int) -> Tuple[torch.Tensor, List[int]]:
-    """A context-parallel rank's share of a packed sequence (global boundaries `cu_seqlens`,
-    rank r holding tokens [r * s_local, (r + 1) * s_local)): its own cu_seqlens (int32, on
-    cu_seqlens' device) and, per rank, the rank where the document holding that rank's first
-    token starts. ValueError when a rank boundary cuts a document mid-segment."""
+def packed_rank_shares(cu_seqlens: torch.Tensor, s_local: int, b: int, cp_size: int,
+                       segment_length: int) -> List[RankShare]:
+    """What each context-parallel rank computes of a packed sequence (global boundaries
+    `cu_seqlens`, rank r holding tokens [r * s_local, (r + 1) * s_local)): `ops.packed.rank_shares`.
+    ValueError on bad boundaries, or when a rank boundary cuts a segment and a rank holds fewer
+    than segment_length tokens."""
     cu = check_cu_seqlens(cu_seqlens, s_local * cp_size, b)
-    check_rank_boundaries(cu, s_local, cp_size, segment_length)
-    first = [rank_cu_seqlens(cu, r * s_local, s_local)[1] // s_local for r in range(cp_size)]
-    return rank_cu_seqlens(cu, cp_rank * s_local, s_local)[0].to(cu_seqlens.device), first
+    return rank_shares(cu, s_local, cp_size, segment_length)
 
 
 # --------------------------------------------------------------------------- autograd pieces
@@ -127,7 +151,8 @@ class _ExclusivePrefixSum(torch.autograd.Function):
     """forward: sum of the deltas of ranks first[r] .. r-1 (all-gather already started);
     backward: the gradient w.r.t. this rank's delta is the sum of the gradients of the ranks
     r' > r with first[r'] <= r. `first[r]`: 0 for one sequence; packed documents: the rank
-    where the document holding rank r's first token starts (r when one starts there)."""
+    whose memory part holds the first token of rank r's first document (r when it starts in
+    rank r's own memory part, head included: `ops.packed.RankShare.first`)."""
 
     @staticmethod
     def forward(ctx, delta, relay, parts, work, first):
@@ -152,7 +177,9 @@ class _ExclusivePrefixSum(torch.autograd.Function):
 
 class _RecvFromPrevious(torch.autograd.Function):
     """forward: the state rank r-1 sent (receive posted earlier); backward: send its gradient
-    back to rank r-1. `anchor` (a tensor that requires grad) only ties the node into the graph."""
+    back to rank r-1. `anchor` (a tensor that requires grad) only ties the node into the graph;
+    packed, with a head, it is a head tensor (`_RecvHead`'s output), so the state's gradient is
+    sent before the head's, the order in which rank r-1 receives them (backends without tags)."""
 
     @staticmethod
     def forward(ctx, anchor, relay, buf, work):
@@ -186,6 +213,50 @@ class _SendToNext(torch.autograd.Function):
         return grad_out, buf, None
 
 
+class _SendTail(torch.autograd.Function):
+    """forward: send the last `tail` rows of each of `xs` ([s, b, hkv, d_i], one message
+    [tail, b, hkv, sum d_i]) to rank r+1, pass `xs` through; backward: receive the gradients of
+    those rows from rank r+1 (where they were its head) and add them to theirs here."""
+
+    @staticmethod
+    def forward(ctx, relay, tail, *xs):
+        msg = torch.cat([x[-tail:].detach() for x in xs], dim=-1).contiguous()  # [tail, b, hkv, sum d_i]
+        relay.isend(msg, relay.rank + 1, relay.tag_rows_fwd, "rows_fwd")
+        ctx.relay, ctx.tail, ctx.widths = relay, tail, [x.shape[-1] for x in xs]
+        ctx.shape, ctx.dtype, ctx.device = msg.shape, msg.dtype, msg.device
+        return tuple(x.view_as(x) for x in xs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        relay, t = ctx.relay, ctx.tail
+        buf = torch.empty(ctx.shape, dtype=ctx.dtype, device=ctx.device)
+        relay.irecv(buf, relay.rank + 1, relay.tag_rows_bwd).wait()
+        out = []
+        for g, part in zip(grads, buf.split(ctx.widths, dim=-1)):
+            g = g.clone()
+            g[-t:] += part.to(g.dtype)
+            out.append(g)
+        return (None, None, *out)
+
+
+class _RecvHead(torch.autograd.Function):
+    """forward: the rows rank r-1 sent (its tail; receive posted earlier), one tensor per width
+    [head, b, hkv, d_i]; backward: send their gradients back to rank r-1 in one message.
+    `anchor` (a tensor that requires grad) only ties the node into the graph."""
+
+    @staticmethod
+    def forward(ctx, anchor, relay, buf, work, widths):
+        work.wait()
+        ctx.relay = relay
+        return tuple(p.clone() for p in buf.split(widths, dim=-1))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        relay = ctx.relay
+        relay.isend(torch.cat(grads, dim=-1).contiguous(), relay.rank - 1, relay.tag_rows_bwd, "rows_bwd")
+        return None, None, None, None, None
+
+
 # --------------------------------------------------------------------------- the relay
 class MemoryRelay:
     """The memory exchange of one Infini layer over one context-parallel group.
@@ -199,7 +270,8 @@ class MemoryRelay:
         self.group = cp_group
         self.size = dist.get_world_size(cp_group)
         self.rank = dist.get_rank(cp_group)
-        self.tag_fwd, self.tag_bwd = 2 * tag, 2 * tag + 1
+        # state (forward, backward), then the rows of a straddling segment (forward, backward)
+        self.tag_fwd, self.tag_bwd, self.tag_rows_fwd, self.tag_rows_bwd = (4 * tag + i for i in range(4))
         self.counter = counter
         self._pending: List[Tuple[object, torch.Tensor]] = []  # unfinished sends (work, tensor)
 
@@ -245,40 +317,109 @@ class MemoryRelay:
         cu_seqlens: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Memory]:
         """q [s, b, hq, dk], k [s, b, hkv, dk], v [s, b, hkv, dv]: this rank's block (whole
-        segments). Returns out [s, b, hq, dv] and this rank's final memory (M, z).
+        segments unless packed). Returns out [s, b, hq, dv] and this rank's final memory (M, z)
+        (packed: after all of its rows, the tail included).
 
         cu_seqlens: packed documents, the *global* boundaries [num_docs + 1] of the whole
-        packed sequence (every rank gets the same; b = 1). Each rank boundary must be a
-        document boundary or a segment boundary of the document it cuts
-        (`ops.packed.check_rank_boundaries`); the state is relayed only within a document.
+        packed sequence (every rank gets the same; b = 1). A rank boundary may fall anywhere;
+        the rows of a segment it cuts travel to the next rank (module docstring), and the state
+        is relayed only within a document.
         """
         s, b, hkv, dk = k.shape
         dv = v.shape[-1]
-        first = [0] * self.size  # per rank: the rank whose memory its first document continues from (0: all)
-        if cu_seqlens is not None:
-            cu_seqlens, first = packed_rank_share(cu_seqlens, s, b, self.rank, self.size, segment_length)
-        elif s % segment_length:
-            raise ValueError(
-                f"context-parallel rank {self.rank} holds {s} tokens, not a multiple of segment_length "
-                f"{segment_length}: the sequence length must be a multiple of context_parallel_size * "
-                f"segment_length = {self.size * segment_length}")
         self.flush()
-        if update == "linear":
-            # packed: what this rank adds to the memory of the next is its last document's part
-            last = 0 if cu_seqlens is None else int(cu_seqlens[-2])
-            get_memory = self._start_linear(k[last:], v[last:], first)
+        if cu_seqlens is None:
+            if s % segment_length:
+                raise ValueError(
+                    f"context-parallel rank {self.rank} holds {s} tokens, not a multiple of segment_length "
+                    f"{segment_length}: the sequence length must be a multiple of context_parallel_size * "
+                    f"segment_length = {self.size * segment_length}")
+            mine, first = None, [0] * self.size  # per rank: the rank whose memory its first document continues
         else:
-            get_memory = self._start_delta(k, b, hkv, dk, dv, continues=first[self.rank] < self.rank)
-        op = dict(segment_length=segment_length, update=update, q_local=q_local, k_local=k_local,
-                  softmax_scale=softmax_scale, cu_seqlens=cu_seqlens)
+            shares = packed_rank_shares(cu_seqlens, s, b, self.size, segment_length)
+            mine, first = shares[self.rank], [sh.first for sh in shares]
+        same_q, same_k = q_local is None or q_local is q, k_local is None or k_local is k
+        q_local = q if q_local is None else q_local
+        k_local = k if k_local is None else k_local
+        h, t = (0, 0) if mine is None else (mine.head, mine.tail)
+        rows = (k, v) if same_k else (k, v, k_local)  # what a straddling segment's rows carry
+        if t:  # the last rows: sent to rank r+1 now, their gradients come back in backward
+            rows = _SendTail.apply(self, t, *rows)
+        head = self._post_head(h, rows) if h else None
+        if update == "delta":  # posted after the head's receive: messages from r-1 come in this order
+            get_state = self._start_delta(k, b, hkv, dk, dv, continues=first[self.rank] < self.rank)
+        if h:  # rank r-1's rows of the straddling segment, put before this rank's own
+            head = _RecvHead.apply(k, self, *head)
+            rows = tuple(torch.cat([a, x]) for a, x in zip(head, rows))  # [h + s, b, hkv, d]
+            pad = q.new_zeros((h,) + tuple(q.shape[1:]))  # queries of the head rows: outputs dropped
+            q, q_local = torch.cat([pad, q]), None if same_q else torch.cat([pad.to(q_local.dtype), q_local])
+        k, v = rows[0], rows[1]
+        k_local = None if same_k else rows[2]
+        q_local = None if same_q else q_local
+        L = h + s  # rows computed here
+        if update == "linear":  # what this rank adds to the memory of the next: its memory part's last document
+            mem = L - t
+            last = 0 if mine is None else mine.last
+            get_memory = self._start_linear(k[last:mem], v[last:mem], first)
+        else:
+            get_memory = get_state(head[0] if h else k)
+        cu_main = None if mine is None else mine.cu_seqlens
+        main = L if update == "linear" else L - t  # delta: the tail runs on from the state before it
+        if main < L:
+            cu_main = torch.tensor([a for a in cu_main.tolist() if a < main] + [main], dtype=torch.int32)
+
+        def part(x, a, c):
+            return None if x is None else x[a:c]
+
+        op = dict(segment_length=segment_length, update=update, softmax_scale=softmax_scale)
+        args = (q[:main], k[:main], v[:main], gate)
+        local = dict(q_local=part(q_local, 0, main), k_local=part(k_local, 0, main), cu_seqlens=cu_main)
         if checkpoint_segments:
-            out, final = infini_attention(q, k, v, gate, memory=get_memory(),
-                                          checkpoint_segments=checkpoint_segments, **op)
+            out, final = infini_attention(*args, memory=get_memory(), checkpoint_segments=checkpoint_segments,
+                                          **local, **op)
         else:  # local attention runs while the memory is in flight
-            out, final = infini_attention_deferred(q, k, v, gate, get_memory=get_memory, **op)
+            out, final = infini_attention_deferred(*args, get_memory=get_memory, **local, **op)
+        handed_on = final  # delta: the state before the tail
+        if main < L:  # the tail: its own segment here, from the state before it (not handed on)
+            out_tail, final = infini_attention(
+                q[main:], k[main:], v[main:], gate, memory=None if mine.tail_starts_document else final,
+                q_local=part(q_local, main, L), k_local=part(k_local, main, L),
+                checkpoint_segments=checkpoint_segments, **op)
+            out = torch.cat([out, out_tail])
+        out = out[h:]  # [s, b, hq, dv]: the head rows' outputs are rank r-1's
         if update == "delta" and self.rank < self.size - 1:
-            out = _SendToNext.apply(out, pack_memory(*final), self)
+            out = _SendToNext.apply(out, pack_memory(*handed_on), self)
         return out, final
+
+    def local_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, segment_length: int,
+                        softmax_scale: Optional[float] = None,
+                        cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """A layer without memory: `ops.local_attention` over this rank's block (q, k, v
+        [s, b, h, d] as the local attention reads them, e.g. with in-segment RoPE) -> [s, b, hq, dv].
+        Packed (`cu_seqlens` global, b = 1): the rows of a segment that a rank boundary cuts
+        travel as in `attention`; no memory."""
+        if cu_seqlens is None:
+            return local_attention(q, k, v, segment_length, softmax_scale)
+        s, b = k.shape[:2]
+        self.flush()
+        mine = packed_rank_shares(cu_seqlens, s, b, self.size, segment_length)[self.rank]
+        h, t = mine.head, mine.tail
+        rows = (k, v)
+        if t:
+            rows = _SendTail.apply(self, t, *rows)
+        if h:
+            head = _RecvHead.apply(k, self, *self._post_head(h, rows))
+            rows = tuple(torch.cat([a, x]) for a, x in zip(head, rows))  # [h + s, b, hkv, d]
+            q = torch.cat([q.new_zeros((h,) + tuple(q.shape[1:])), q])
+        out = local_attention(q, rows[0], rows[1], segment_length, softmax_scale, cu_seqlens=mine.cu_seqlens)
+        return out[h:]  # [s, b, hq, dv]
+
+    def _post_head(self, h: int, rows):
+        """Post the receive of rank r-1's tail: `h` rows of each of `rows`' widths, one message."""
+        widths = [x.shape[-1] for x in rows]
+        x = rows[0]
+        buf = torch.empty((h,) + tuple(x.shape[1:-1]) + (sum(widths),), dtype=x.dtype, device=x.device)
+        return buf, self.irecv(buf, self.rank - 1, self.tag_rows_fwd), widths
 
     def _start_linear(self, k, v, first):
         delta = pack_memory(*memory_delta(k, v))  # [b, hkv, dk, dv + 1]
@@ -286,10 +427,11 @@ class MemoryRelay:
         return lambda: unpack_memory(_ExclusivePrefixSum.apply(delta, self, parts, work, first))
 
     def _start_delta(self, k, b, hkv, dk, dv, continues=True):
+        """Post the receive of rank r-1's state; returns anchor -> get_memory."""
         if self.rank == 0:
-            return lambda: empty_memory(b, hkv, dk, dv, k.device)
+            return lambda anchor: (lambda: empty_memory(b, hkv, dk, dv, k.device))
         buf = torch.empty(b, hkv, dk, dv + 1, dtype=torch.float32, device=k.device)
         work = self.irecv(buf, self.rank - 1, self.tag_fwd)
         if not continues:  # packed: a document starts on this rank; the state received belongs to another
-            return lambda: unpack_memory(_RecvFromPrevious.apply(k, self, buf, work) * 0.0)
-        return lambda: unpack_memory(_RecvFromPrevious.apply(k, self, buf, work))
+            return lambda anchor: (lambda: unpack_memory(_RecvFromPrevious.apply(anchor, self, buf, work) * 0.0))
+        return lambda anchor: (lambda: unpack_memory(_RecvFromPrevious.apply(anchor, self, buf, work)))

@@ -4,8 +4,9 @@
 (`megatron_infini.data.packing.pack_batch`) and the per-token loss weights, then cuts this
 rank's contiguous context-parallel block. With document resets the micro batch is one packed
 sequence `[1, b * s]`: context-parallel rank r holds tokens `[r * b * s / cp, (r + 1) * b * s / cp)`
-of it (whole segments, windows in order) and every rank gets the same global `cu_seqlens`, so
-the layer knows where each document starts in the whole sequence. Tensor (and sequence)
+of it (windows in order) and every rank gets the same global `cu_seqlens`, so the layer knows
+where each document starts in the whole sequence; a rank boundary may fall anywhere in a
+document, even inside one of its segments (the layer relays that segment's rows). Tensor (and sequence)
 parallel ranks get identical inputs; Megatron splits the sequence inside the model.
 
 `batch_loss` is the mean over the labels that count: sum(w * loss) / sum(w) with the weight sum

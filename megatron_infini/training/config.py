@@ -287,10 +287,6 @@ class Config:
                 f"x model.segment_length ({m.segment_length}) = {cp * m.segment_length}: each context-parallel "
                 "rank holds whole segments"
             )
-        if self.data.reset_attention_mask and cp > 1:
-            raise ConfigError(f"data.reset_attention_mask is not supported with parallel.context_parallel_size "
-                              f"({cp}) > 1 yet: the Infini layer's memory relay does not take document "
-                              "boundaries; use context_parallel_size 1")
         if self.data.reset_attention_mask and m.memory_repeat_max > 1:
             raise ConfigError("data.reset_attention_mask does not combine with model.memory_repeat_max > 1 (the "
                               "augmentation draws per segment of the unpacked input); set one of them off")
