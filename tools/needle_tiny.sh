@@ -15,7 +15,8 @@
 # MIN_LENGTH (shortest document, default 80), ANSWER_WEIGHT (loss weight of the answer, default
 # 20), TEXT_WEIGHT (of the prompt, default 0: the haystack is natural text whose language-model
 # loss would dominate the weighted loss of a model trained from scratch), NEEDLE_WEIGHT (of the
-# needles' tokens in the prompt, default TEXT_WEIGHT), OMP_NUM_THREADS
+# needles' tokens in the prompt, default TEXT_WEIGHT), FILLER_SHARE (share of documents on the
+# passkey filler instead of the plays, default 0), OMP_NUM_THREADS
 # (default 2). Extra arguments are trainer config overrides.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +26,7 @@ SEED=0
 if [ $# -gt 0 ] && [[ "$1" =~ ^[0-9]+$ ]]; then SEED=$1; shift; fi
 PYTHON=${PYTHON:-$(bash tools/setup_env.sh)}
 K=${K:-2} T=${T:-128} DIGITS=${DIGITS:-2} NUMBERS=${NUMBERS:-3} MIN_LENGTH=${MIN_LENGTH:-80}
-ANSWER_WEIGHT=${ANSWER_WEIGHT:-20} TEXT_WEIGHT=${TEXT_WEIGHT:-0} NEEDLE_WEIGHT=${NEEDLE_WEIGHT:-$TEXT_WEIGHT}
+ANSWER_WEIGHT=${ANSWER_WEIGHT:-20} TEXT_WEIGHT=${TEXT_WEIGHT:-0} NEEDLE_WEIGHT=${NEEDLE_WEIGHT:-$TEXT_WEIGHT} FILLER_SHARE=${FILLER_SHARE:-0}
 STEPS=${STEPS:-$("$PYTHON" -c "import yaml; print(yaml.safe_load(open('configs/needle_tiny.yaml'))['train']['steps'])")}
 export WANDB_MODE=${WANDB_MODE:-disabled} OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONWARNINGS=ignore
 mkdir -p "$RUN_DIR"
@@ -33,7 +34,8 @@ mkdir -p "$RUN_DIR"
 echo "== needle_tiny: data (T=$T, $K needles, documents of $MIN_LENGTH..$T tokens, $DIGITS-digit keys, $NUMBERS numbers per 100 tokens)"
 "$PYTHON" -m megatron_infini.cli eval needle-data --out "$RUN_DIR/data" --length "$T" --min-length "$MIN_LENGTH" \
     --samples $((STEPS * 16)) --needles "$K" --key-digits "$DIGITS" --haystack-numbers "$NUMBERS" \
-    --answer-weight "$ANSWER_WEIGHT" --text-weight "$TEXT_WEIGHT" --needle-weight "$NEEDLE_WEIGHT" --seed "$SEED"
+    --answer-weight "$ANSWER_WEIGHT" --text-weight "$TEXT_WEIGHT" --needle-weight "$NEEDLE_WEIGHT" \
+    --filler-share "$FILLER_SHARE" --seed "$SEED"
 
 echo "== needle_tiny: train $STEPS steps (seed $SEED)"
 "$PYTHON" -m megatron_infini.train --config configs/needle_tiny.yaml "run_dir=$RUN_DIR" \

@@ -24,7 +24,7 @@ import os
 import random
 from typing import List, Optional, Sequence
 
-from .passkey_data import INTRO, NEEDLE, QUESTION, Haystack, PasskeySample, random_key, segment_cut
+from .passkey_data import FILLER, INTRO, NEEDLE, QUESTION, Haystack, PasskeySample, random_key, segment_cut
 
 NAMES = ("blue", "red", "green", "gold", "silver", "black", "white", "grey")
 NAMED_NEEDLE = " The {name} pass key is {key}. Remember it. {key} is the {name} pass key."
@@ -127,18 +127,25 @@ class NeedleBuilder:
 def write_needle_data(prefix: str, tokenizer, length: int, samples: int, needles: int = 2,
                       min_length: Optional[int] = None, key_digits: Optional[int] = 2, intro: bool = False,
                       numbers: float = 3.0, answer_weight: int = 20, text_weight: int = 1, seed: int = 0,
-                      haystack: Optional[str] = None, jsonl: bool = True, needle_weight: Optional[int] = None) -> dict:
+                      haystack: Optional[str] = None, jsonl: bool = True, needle_weight: Optional[int] = None,
+                      filler_share: float = 0.0) -> dict:
     """Needle training documents of exactly `length` tokens at `prefix`.{bin,idx,json} (+ `.jsonl`),
     the haystack from the training plays (or `haystack`), and with `answer_weight > 0` their loss
     weights at `prefix`_weights.*: the answer (key digits, period, EOS) weighs `answer_weight`,
     the prompt `text_weight` (its needles `needle_weight`, default `text_weight`: the second
     mention of a key is predictable from the first, which teaches copying the key), the EOS
     padding 0. Each document: prompt + answer + EOS of
-    `min_length`..`length` tokens (uniform), the asked needle at a uniform random depth."""
+    `min_length`..`length` tokens (uniform), the asked needle at a uniform random depth.
+    `filler_share`: the share of documents (drawn at random) whose haystack is the passkey
+    protocol's repeated filler sentence instead of the plays (a curriculum: the easy haystack
+    on which retrieval is learned, beside the natural text it must carry over to)."""
     from .finetune_data import write_prompt_documents
 
+    if not 0.0 <= filler_share <= 1.0:
+        raise ValueError(f"filler_share must be in [0, 1], got {filler_share}")
     builder = NeedleBuilder(tokenizer, haystack_ids(tokenizer, haystack or training_haystack_path()), needles,
                             intro, numbers)
+    filler = NeedleBuilder(tokenizer, tokenizer.encode(FILLER * 8), needles, intro, numbers) if filler_share else None
     shortest = builder.fixed_tokens(key_digits) + len(tokenizer.encode(f" {10 ** ((key_digits or 5) - 1)}.")) + 1
     min_length = length if min_length is None else min_length
     if not shortest <= min_length <= length:
@@ -153,13 +160,16 @@ def write_needle_data(prefix: str, tokenizer, length: int, samples: int, needles
     def prompts():
         for _ in range(samples):
             doc_len, depth = rng.randint(min_length, length), rng.random()
-            s = builder.build(doc_len - 1 - ((key_digits or 5) + 2), depth, rng, key_digits)  # answer " K." + EOS
-            yield s, {"key": s.key, "distractors": s.distractors, "depth": round(depth, 4)}
+            b = filler if filler is not None and rng.random() < filler_share else builder
+            s = b.build(doc_len - 1 - ((key_digits or 5) + 2), depth, rng, key_digits)  # answer " K." + EOS
+            yield s, {"key": s.key, "distractors": s.distractors, "depth": round(depth, 4),
+                      **({"haystack": "filler" if b is filler else "text"} if filler is not None else {})}
 
     return write_prompt_documents(prefix, tokenizer, prompts(), length, answer_weight, text_weight, jsonl,
                                   needle_weight=needle_weight,
                                   note=f"needle L={length} min={min_length} K={needles} digits={key_digits} "
-                                       f"numbers={numbers} intro={intro} seed={seed} needle_weight={needle_weight}")
+                                       f"numbers={numbers} intro={intro} seed={seed} needle_weight={needle_weight} "
+                                       f"filler_share={filler_share}")
 
 
 def main(argv=None) -> int:
@@ -185,6 +195,8 @@ def main(argv=None) -> int:
     p.add_argument("--intro", action="store_true", help="keep the protocol's introduction (default: none)")
     p.add_argument("--answer-weight", type=int, default=20, help="loss weight of the answer (0: no weights file)")
     p.add_argument("--text-weight", type=int, default=1, help="loss weight of prompt tokens")
+    p.add_argument("--filler-share", type=float, default=0.0,
+                   help="share of documents whose haystack is the passkey filler sentence (a curriculum; default 0)")
     p.add_argument("--needle-weight", type=int, default=None,
                    help="loss weight of the needles' tokens in the prompt (default: --text-weight)")
     p.add_argument("--name", default="needle_train", help="file name prefix inside --out")
@@ -198,7 +210,7 @@ def main(argv=None) -> int:
         meta = write_needle_data(prefix, tok, length, args.samples, args.needles,
                                  parse_size(args.min_length) if args.min_length else None, args.key_digits,
                                  args.intro, args.haystack_numbers, args.answer_weight, args.text_weight, args.seed,
-                                 args.haystack, needle_weight=args.needle_weight)
+                                 args.haystack, needle_weight=args.needle_weight, filler_share=args.filler_share)
     except ValueError as e:
         print(f"megatron-infini eval needle-data: {e}", file=sys.stderr)
         return 2
