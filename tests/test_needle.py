@@ -177,6 +177,15 @@ def test_needle_training_documents(tok, tmp_path):
             assert len(at) == 1
             expect[at[0]:at[0] + len(needle)] = [3] * len(needle)
         assert w[:n - answer] == expect and w[n - answer:n] == [20] * answer
+    # --filler-share: that share of documents on the passkey filler, the others on the plays
+    write_needle_data(prefix + "_fs", tok, 128, 40, needles=2, min_length=80, key_digits=2, filler_share=0.5, seed=6)
+    docs = [json.loads(line) for line in open(prefix + "_fs.jsonl")]
+    filler = [d for d in docs if d["haystack"] == "filler"]
+    assert 8 <= len(filler) <= 32
+    for d in docs:
+        assert d["text"].startswith(" The grass") == (d["haystack"] == "filler")  # filler windows start there
+    with pytest.raises(ValueError, match="filler_share"):
+        write_needle_data(str(tmp_path / "bad"), tok, 128, 2, needles=2, min_length=80, filler_share=1.5)
 
 
 def test_needle_recipe_command_and_hardened_eval(tmp_path):
