@@ -183,7 +183,8 @@ def test_needle_training_documents(tok, tmp_path):
     filler = [d for d in docs if d["haystack"] == "filler"]
     assert 8 <= len(filler) <= 32
     for d in docs:
-        assert (" The grass" in d["text"][:40]) == (d["haystack"] == "filler")  # filler windows start there
+        hay = re.sub(r" The \w+ pass key is \d+\. Remember it\. \d+ is the \w+ pass key\.", "", d["text"])
+        assert (" The grass" in hay[:20]) == (d["haystack"] == "filler")  # filler windows start there
     with pytest.raises(ValueError, match="filler_share"):
         write_needle_data(str(tmp_path / "bad"), tok, 128, 2, needles=2, min_length=80, filler_share=1.5)
 
